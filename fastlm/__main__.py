@@ -1,0 +1,6 @@
+"""``python -m fastlm ...`` is ``fastlm ...``."""
+import sys
+
+from fastlm.cli import main
+
+sys.exit(main())
