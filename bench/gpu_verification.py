@@ -1,0 +1,196 @@
+"""Which op x backend kernels passed the test suite on a GPU: evidence for ``verified=``.
+
+Two halves, both used by ``bench/gpu_check.sh``:
+
+* a pytest plugin (``pytest -p gpu_verification``, with ``bench/`` on ``PYTHONPATH``):
+  it wraps :meth:`fastlm.registry.Implementation.function`, so every kernel a test
+  actually *calls* is noted as (op, backend, device of its first tensor argument), and
+  appends one JSON line per finished test to ``$GPU_VERIFICATION_RECORDS``:
+  ``{"nodeid", "file", "outcome", "duration", "kernels": [[op, backend, device], ...]}``.
+  Lines are written as tests finish, so a run killed by its time limit keeps what ran;
+  under pytest-xdist each worker appends its own tests' lines.
+* ``python bench/gpu_verification.py RECORDS --out gpu_verification.json [--incomplete]``
+  folds the lines into ``{op: {backend: {...}}}`` for the kernels that ran on ``cuda``:
+  ``status`` is "passed" when at least one test called the kernel on the GPU and no test
+  that called it failed, "failed" when one did, "incomplete" when none failed but the
+  test run did not finish (``--incomplete``); registered GPU rows no test reached are
+  listed as "not exercised".  Each entry carries the counts, up to five failing test
+  ids, the date and the device.  Also prints a markdown table.
+
+Only kernels reached through the registry are seen: a test that imports a Triton kernel
+function directly is counted in its file's pass/fail totals (``groups``) but not per
+backend.  A failing test that called several kernels counts against all of them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+
+# ----------------------------------------------------------------------- pytest plugin
+_current: set = set()
+_outcomes: dict = {}
+_ran_here: set = set()  # under pytest-xdist the controller sees reports of tests it did not run
+
+
+def _device_of(args, kwargs) -> str:
+    import torch
+
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "?"
+
+
+def pytest_configure(config):
+    try:
+        from fastlm import registry
+    except Exception as exc:  # the records then show no kernels; the tests themselves will fail
+        print(f"gpu_verification: fastlm.registry not importable ({exc}); no kernel evidence", file=sys.stderr)
+        return
+
+    original = registry.Implementation.function
+
+    def function(self, stage):
+        kernel = original(self, stage)
+
+        def recorded(*args, **kwargs):
+            _current.add((self.op, self.backend, _device_of(args, kwargs)))
+            return kernel(*args, **kwargs)
+
+        return recorded
+
+    registry.Implementation.function = function
+
+
+def _tryfirst(fn):
+    import pytest
+
+    return pytest.hookimpl(tryfirst=True)(fn)
+
+
+@_tryfirst
+def pytest_runtest_setup(item):
+    _current.clear()
+    _ran_here.add(item.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid not in _ran_here:
+        return
+    state = _outcomes.setdefault(report.nodeid, {"outcome": "passed", "duration": 0.0})
+    state["duration"] += report.duration
+    if report.failed:
+        state["outcome"] = "failed" if report.when == "call" else "error"
+    elif report.skipped and state["outcome"] == "passed":
+        state["outcome"] = "skipped"
+    if report.when == "teardown":
+        path = os.environ.get("GPU_VERIFICATION_RECORDS")
+        if path:
+            record = {"nodeid": report.nodeid, "file": report.nodeid.split("::")[0], **state,
+                      "kernels": sorted(_current)}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        _outcomes.pop(report.nodeid, None)
+        _ran_here.discard(report.nodeid)
+        _current.clear()
+
+
+# ------------------------------------------------------------------------- summary
+def load_records(path: str | Path) -> list[dict]:
+    records = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line cut off when the run was killed
+    return records
+
+
+def _registered_gpu_rows() -> list[tuple[str, str]]:
+    try:
+        from fastlm import registry
+
+        return [(op, b) for op in registry.ops() for b, impl in registry.table(op).items()
+                if registry.BACKENDS[b].runs_on_gpu]
+    except Exception:
+        return []
+
+
+def summarize(records: list[dict], device: str, complete: bool = True, date: str | None = None) -> dict:
+    """``{"device", "date", "complete", "ops": {op: {backend: entry}}, "groups": {file: counts}}``."""
+    date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    ops: dict = {}
+    groups: dict = {}
+    for rec in records:
+        g = groups.setdefault(rec["file"], {"passed": 0, "failed": 0, "error": 0, "skipped": 0})
+        g[rec["outcome"]] = g.get(rec["outcome"], 0) + 1
+        for op, backend, dev in rec.get("kernels", []):
+            if dev != "cuda":
+                continue
+            e = ops.setdefault(op, {}).setdefault(backend, {"tests_passed": 0, "tests_failed": 0, "failing": []})
+            if rec["outcome"] == "passed":
+                e["tests_passed"] += 1
+            elif rec["outcome"] in ("failed", "error"):
+                e["tests_failed"] += 1
+                if len(e["failing"]) < 5:
+                    e["failing"].append(rec["nodeid"])
+    for op, backends in ops.items():
+        for e in backends.values():
+            if e["tests_failed"]:
+                e["status"] = "failed"
+            elif not complete:
+                e["status"] = "incomplete"
+            else:
+                e["status"] = "passed" if e["tests_passed"] else "not exercised"
+            e.update(date=date, device=device)
+    for op, backend in _registered_gpu_rows():
+        ops.setdefault(op, {}).setdefault(backend, {"status": "not exercised", "tests_passed": 0, "tests_failed": 0,
+                                                    "failing": [], "date": date, "device": device})
+    return {"device": device, "date": date, "complete": complete, "ops": ops, "groups": groups}
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"GPU test evidence on {summary['device']}, {summary['date']}"
+             + ("" if summary["complete"] else " (test run did NOT finish)"), "",
+             "| op | backend | status | tests passed | tests failed |", "|---|---|---|---|---|"]
+    for op in sorted(summary["ops"]):
+        for backend, e in sorted(summary["ops"][op].items()):
+            lines.append(f"| {op} | {backend} | {e['status']} | {e['tests_passed']} | {e['tests_failed']} |")
+    lines += ["", "| test file | passed | failed | error | skipped |", "|---|---|---|---|---|"]
+    for f, g in sorted(summary["groups"].items()):
+        lines.append(f"| {f} | {g['passed']} | {g['failed']} | {g['error']} | {g['skipped']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Fold gpu_verification records into op -> backend -> status.")
+    p.add_argument("records", help="the JSON-lines file the plugin wrote")
+    p.add_argument("--out", required=True, help="gpu_verification.json to write")
+    p.add_argument("--device", default=None, help="default: torch.cuda.get_device_name() or 'cpu (no GPU)'")
+    p.add_argument("--incomplete", action="store_true", help="the test run was cut off")
+    p.add_argument("--md", default=None, help="also write the markdown table here")
+    args = p.parse_args(argv)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
+    summary = summarize(load_records(args.records), device, complete=not args.incomplete)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    text = markdown(summary)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

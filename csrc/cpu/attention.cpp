@@ -1,0 +1,557 @@
+// Attention on the CPU: the `cpu` backend of fastlm.ops.attention / varlen_attention.
+//
+// Flash-style blocked algorithm, exact (online softmax, never an Sq x Sk matrix):
+// * forward: at::parallel_for over (sequence, query head, block of BM query rows);
+//   per key block of BN keys: S = (scale * Q) K^T through sgemm on fp32 tiles,
+//   masks, online softmax (running max m, running sum l, the output accumulator
+//   rescaled by exp(m_old - m_new)), then acc += P V.  lse = m + log(l) is saved.
+// * backward: at::parallel_for over (sequence, kv head); every query head of the
+//   group and every query block recomputes P = exp(S - lse) per tile, then
+//   dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
+//   dK/dV of a kv head sum over its query heads in fp32 (grouped-query attention).
+// * key blocks that no query of the block can see are skipped: keys outside the
+//   first..last attended key of the padding mask (left or right padding), key
+//   blocks the mask hides entirely, and keys after the causal limit.  That is
+//   where padding turns into speed.
+// * low precision (bf16/fp16) tiles are converted to fp32 once per tile; all
+//   accumulation is fp32.
+// * dropout multiplies the normalised probabilities by keep / (1 - p); the keep
+//   bit is a hash of (seed, sequence, head, query, key) (csrc/cuda/attention.h),
+//   so the backward regenerates the forward's mask.
+// * a query row that sees no key outputs 0, lse = -inf and gets zero gradients.
+//
+// Matrix products go to the BLAS linked into libtorch (sgemm_, resolved weakly at
+// load time) with no dispatcher overhead per tile; at::mm is the fallback when the
+// BLAS symbol is absent.  The elementwise loops are compiled for AVX-512, AVX2
+// and baseline x86-64 and picked at run time by CPU feature (target_clones).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../cuda/attention.h"
+
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#define FASTLM_HAVE_WEAK_SGEMM 1
+#endif
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTLM_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLM_MULTIVERSION
+#endif
+
+namespace {
+
+using at::Tensor;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlockQ = 64;   // query rows per tile
+constexpr int64_t kBlockK = 256;  // keys per tile
+
+// ------------------------------------------------------------------ matrix products
+// Row-major C[M,N] = alpha * op(A) op(B) + beta * C, op(A) is M x K, op(B) is K x N.
+// (A row-major matrix is the column-major transpose, so C^T = op(B)^T op(A)^T.)
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#ifdef FASTLM_HAVE_WEAK_SGEMM
+  if (sgemm_ != nullptr && K > 0) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+#endif
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Tensor a = ta ? at::from_blob(const_cast<float*>(A), {K, M}, {lda, 1}, opts).t()
+                : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+  Tensor b = tb ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
+                : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  c.addmm_(a, b, beta, alpha);  // beta == 0 ignores c's old contents
+}
+
+// ------------------------------------------------------------------ elementwise kernels
+// exp for the softmax: Cody-Waite reduction + degree-6 polynomial (about 1 ulp),
+// branch-free so the compiler vectorises it; exp(-inf) = 0 exactly.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  // round to nearest through the 1.5 * 2^23 trick (vectorises without SSE4.1's round)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = xc - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// Masks one row of scores (keys >= valid_end and keys the padding mask hides become
+// -inf), updates the running max / sum and overwrites the row with
+// exp(s - new max).  Returns the factor exp(old max - new max) the accumulator
+// must be rescaled by.  A row that has seen no key yet keeps m = -inf, l = 0, P = 0.
+FASTLM_MULTIVERSION
+float online_softmax_row(float* s, int64_t n, int64_t valid_end, const bool* key_ok, float& m, float& l) {
+  float mx = m;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const bool ok = j < valid_end && (key_ok == nullptr || key_ok[j]);
+    const float x = ok ? s[j] : kNegInf;
+    s[j] = x;
+    mx = std::max(mx, x);
+  }
+  if (mx == kNegInf) {
+    std::fill(s, s + n, 0.0f);
+    return 1.0f;
+  }
+  const float alpha = fast_exp(m - mx);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = fast_exp(s[j] - mx);
+    s[j] = e;
+    sum += e;
+  }
+  m = mx;
+  l = l * alpha + sum;
+  return alpha;
+}
+
+// Backward: P = exp(s - lse) on visible keys, 0 elsewhere (and 0 for a row with lse = -inf).
+FASTLM_MULTIVERSION
+void probs_row(float* s, int64_t n, int64_t valid_end, const bool* key_ok, float lse) {
+  if (lse == kNegInf) {
+    std::fill(s, s + n, 0.0f);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const bool ok = j < valid_end && (key_ok == nullptr || key_ok[j]);
+    s[j] = ok ? fast_exp(s[j] - lse) : 0.0f;
+  }
+}
+
+// dS = P * (dP - delta), in place in dp.
+FASTLM_MULTIVERSION
+void dscores_row(const float* p, float* dp, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+}
+
+FASTLM_MULTIVERSION
+void scale_row(float* x, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// Dropout of one probability row in place: p * keep / (1 - p_drop).
+void dropout_row(float* p, int64_t n, uint64_t row_key, int64_t key0, uint32_t threshold, float keep_scale) {
+  for (int64_t j = 0; j < n; ++j)
+    p[j] = fastlm_attn_keep(row_key, static_cast<uint64_t>(key0 + j), threshold) ? p[j] * keep_scale : 0.0f;
+}
+
+// rowsum(dO * O) for the backward's softmax term.
+template <typename T>
+float row_dot(const float* a, const T* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * static_cast<float>(b[j]);
+  return sum;
+}
+
+template <typename T>
+void load_row(const T* src, int64_t n, float a, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = a * static_cast<float>(src[j]);
+}
+
+template <typename T>
+void store_row(const float* src, int64_t n, float a, T* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(a * src[j]);
+}
+
+// ------------------------------------------------------------------ problem geometry
+// Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand is
+// at base + n * batch + h * head + (token0(n) + i) * row; token0 = cu_seqlens[n]
+// in packed mode, 0 in padded mode.
+struct Layout {
+  int64_t batch, head, row;
+};
+
+Layout layout_of(const Tensor& t, bool packed) {
+  if (packed) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+struct Geometry {
+  int64_t nseq, heads_q, heads_k, head_dim;
+  int64_t seqlen_q, seqlen_k;  // padded mode lengths; packed mode: max lengths
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  const bool* key_mask = nullptr;  // (nseq, seqlen_k) contiguous
+  int64_t causal;
+  float scale;
+  uint32_t drop_threshold;
+  float drop_scale;
+  uint64_t seed;
+
+  int64_t q0(int64_t n) const { return cu_q ? cu_q[n] : 0; }
+  int64_t k0(int64_t n) const { return cu_k ? cu_k[n] : 0; }
+  int64_t len_q(int64_t n) const { return cu_q ? cu_q[n + 1] - cu_q[n] : seqlen_q; }
+  int64_t len_k(int64_t n) const { return cu_k ? cu_k[n + 1] - cu_k[n] : seqlen_k; }
+  const bool* mask(int64_t n) const { return key_mask ? key_mask + n * seqlen_k : nullptr; }
+  // query i sees keys j < key_end(n, i) (and the padding mask): causal offset
+  int64_t causal_shift(int64_t n) const { return causal == 2 ? len_k(n) - len_q(n) : 0; }
+  int64_t key_end(int64_t n, int64_t i, int64_t kmax) const {
+    return causal ? std::min(kmax, std::max<int64_t>(i + causal_shift(n) + 1, 0)) : kmax;
+  }
+  // The attended key range [kmin, kmax) of sequence n: outside it the mask hides every key.
+  void key_range(int64_t n, int64_t& kmin, int64_t& kmax) const {
+    kmin = 0;
+    kmax = len_k(n);
+    const bool* km = mask(n);
+    if (!km) return;
+    while (kmin < kmax && !km[kmin]) ++kmin;
+    while (kmax > kmin && !km[kmax - 1]) --kmax;
+  }
+  // The padding mask of keys [kb, kb + nk): nullptr when it hides none of them
+  // (no per-key test needed); `hidden` is set when it hides all of them (skip the block).
+  const bool* block_mask(int64_t n, int64_t kb, int64_t nk, bool& hidden) const {
+    const bool* km = mask(n);
+    hidden = false;
+    if (!km) return nullptr;
+    int64_t visible = 0;
+    for (int64_t j = kb; j < kb + nk; ++j) visible += km[j];
+    hidden = visible == 0;
+    return visible == nk ? nullptr : km + kb;
+  }
+};
+
+// ------------------------------------------------------------------ forward
+template <typename T>
+void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+                    Layout lo, float* lse, Layout ll) {
+  const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
+  const int64_t qblocks = (g.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t items = g.nseq * g.heads_q * qblocks;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kBlockQ * D), kf(kBlockK * D), vf(kBlockK * D), s(kBlockQ * kBlockK), acc(kBlockQ * D);
+    float m[kBlockQ], l[kBlockQ];
+    int64_t row_end[kBlockQ];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (g.heads_q * qblocks), h = (item / qblocks) % g.heads_q, qb = item % qblocks;
+      const int64_t Lq = g.len_q(n), i0 = qb * kBlockQ;
+      if (i0 >= Lq) continue;
+      const int64_t M = std::min(kBlockQ, Lq - i0), hk = h / group;
+      const T* qp = q + n * lq.batch + h * lq.head + (g.q0(n) + i0) * lq.row;
+      const T* kp = k + n * lk.batch + hk * lk.head + g.k0(n) * lk.row;
+      const T* vp = v + n * lv.batch + hk * lv.head + g.k0(n) * lv.row;
+      int64_t kmin, kmax;
+      g.key_range(n, kmin, kmax);
+      for (int64_t r = 0; r < M; ++r) {
+        load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
+        row_end[r] = g.key_end(n, i0 + r, kmax);
+        m[r] = kNegInf;
+        l[r] = 0.0f;
+      }
+      std::fill(acc.begin(), acc.begin() + M * D, 0.0f);
+      const int64_t block_end = row_end[M - 1];  // causal limits grow with the row
+      for (int64_t kb = kmin; kb < block_end; kb += kBlockK) {
+        const int64_t N = std::min(kBlockK, block_end - kb);
+        bool hidden;
+        const bool* key_ok = g.block_mask(n, kb, N, hidden);
+        if (hidden) continue;
+        // fp32 operands feed the products in place; others are converted once per tile
+        const float *kt, *vt;
+        int64_t ldk, ldv;
+        if constexpr (std::is_same_v<T, float>) {
+          kt = kp + kb * lk.row, ldk = lk.row;
+          vt = vp + kb * lv.row, ldv = lv.row;
+        } else {
+          for (int64_t j = 0; j < N; ++j) {
+            load_row(kp + (kb + j) * lk.row, D, 1.0f, kf.data() + j * D);
+            load_row(vp + (kb + j) * lv.row, D, 1.0f, vf.data() + j * D);
+          }
+          kt = kf.data(), vt = vf.data(), ldk = ldv = D;
+        }
+        gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, ldk, 0.0f, s.data(), kBlockK);
+        for (int64_t r = 0; r < M; ++r) {
+          float* sr = s.data() + r * kBlockK;
+          const float alpha = online_softmax_row(sr, N, row_end[r] - kb, key_ok, m[r], l[r]);
+          if (alpha != 1.0f) scale_row(acc.data() + r * D, D, alpha);
+          if (g.drop_threshold) {
+            const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
+            dropout_row(sr, N, key, kb, g.drop_threshold, g.drop_scale);
+          }
+        }
+        gemm(false, false, M, D, N, 1.0f, s.data(), kBlockK, vt, ldv, 1.0f, acc.data(), D);
+      }
+      T* op = out + n * lo.batch + h * lo.head + (g.q0(n) + i0) * lo.row;
+      float* lp = lse + n * ll.batch + h * ll.head + (g.q0(n) + i0) * ll.row;
+      for (int64_t r = 0; r < M; ++r) {
+        const bool seen = l[r] > 0.0f;
+        store_row(acc.data() + r * D, D, seen ? 1.0f / l[r] : 0.0f, op + r * lo.row);
+        lp[r * ll.row] = seen ? m[r] + std::log(l[r]) : kNegInf;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+template <typename T>
+void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
+                     const T* v, Layout lv, const T* out, Layout lo, const float* lse, Layout ll, T* dq, Layout ldq,
+                     T* dk, Layout ldk, T* dv, Layout ldv) {
+  const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
+  at::parallel_for(0, g.nseq * g.heads_k, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kf, vf, dkf, dvf;
+    std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D), p(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
+    float delta[kBlockQ], lrow[kBlockQ];
+    int64_t row_end[kBlockQ];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / g.heads_k, hk = item % g.heads_k;
+      const int64_t Lq = g.len_q(n), Lk = g.len_k(n);
+      const T* kp = k + n * lk.batch + hk * lk.head + g.k0(n) * lk.row;
+      const T* vp = v + n * lv.batch + hk * lv.head + g.k0(n) * lv.row;
+      kf.assign(Lk * D, 0.0f);
+      vf.assign(Lk * D, 0.0f);
+      dkf.assign(Lk * D, 0.0f);
+      dvf.assign(Lk * D, 0.0f);
+      int64_t kmin, kmax;
+      g.key_range(n, kmin, kmax);
+      for (int64_t j = kmin; j < kmax; ++j) {
+        load_row(kp + j * lk.row, D, 1.0f, kf.data() + j * D);
+        load_row(vp + j * lv.row, D, 1.0f, vf.data() + j * D);
+      }
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+          const int64_t M = std::min(kBlockQ, Lq - i0);
+          const int64_t tok = g.q0(n) + i0;
+          const T* qp = q + n * lq.batch + h * lq.head + tok * lq.row;
+          const T* dop = dout + n * ldo.batch + h * ldo.head + tok * ldo.row;
+          const T* op = out + n * lo.batch + h * lo.head + tok * lo.row;
+          const float* lp = lse + n * ll.batch + h * ll.head + tok * ll.row;
+          for (int64_t r = 0; r < M; ++r) {
+            load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
+            load_row(dop + r * ldo.row, D, 1.0f, dof.data() + r * D);
+            delta[r] = row_dot(dof.data() + r * D, op + r * lo.row, D);
+            lrow[r] = lp[r * ll.row];
+            row_end[r] = g.key_end(n, i0 + r, kmax);
+          }
+          std::fill(dqf.begin(), dqf.begin() + M * D, 0.0f);
+          const int64_t block_end = row_end[M - 1];
+          for (int64_t kb = kmin; kb < block_end; kb += kBlockK) {
+            const int64_t N = std::min(kBlockK, block_end - kb);
+            bool hidden;
+            const bool* key_ok = g.block_mask(n, kb, N, hidden);
+            if (hidden) continue;
+            const float* kt = kf.data() + kb * D;
+            const float* vt = vf.data() + kb * D;
+            gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, D, 0.0f, p.data(), kBlockK);   // S
+            gemm(false, true, M, N, D, 1.0f, dof.data(), D, vt, D, 0.0f, dp.data(), kBlockK);  // dO V^T
+            const float* pv = p.data();  // the probabilities multiplying V in the forward
+            for (int64_t r = 0; r < M; ++r) {
+              float* pr = p.data() + r * kBlockK;
+              float* dpr = dp.data() + r * kBlockK;
+              probs_row(pr, N, row_end[r] - kb, key_ok, lrow[r]);
+              if (g.drop_threshold) {
+                // forward used P * Z (Z = keep / (1 - p)); so dV takes P * Z and dP = Z * dO V^T
+                const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
+                float* pdr = pd.data() + r * kBlockK;
+                std::copy(pr, pr + N, pdr);
+                dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
+                dropout_row(dpr, N, key, kb, g.drop_threshold, g.drop_scale);
+              }
+            }
+            if (g.drop_threshold) pv = pd.data();
+            gemm(true, false, N, D, M, 1.0f, pv, kBlockK, dof.data(), D, 1.0f, dvf.data() + kb * D, D);
+            for (int64_t r = 0; r < M; ++r)
+              dscores_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, N, delta[r]);
+            // dS is w.r.t. the scaled scores: dQ = scale * dS K, dK = dS^T (scale * Q)
+            gemm(false, false, M, D, N, 1.0f, dp.data(), kBlockK, kt, D, 1.0f, dqf.data(), D);
+            gemm(true, false, N, D, M, 1.0f, dp.data(), kBlockK, qf.data(), D, 1.0f, dkf.data() + kb * D, D);
+          }
+          T* dqp = dq + n * ldq.batch + h * ldq.head + tok * ldq.row;
+          for (int64_t r = 0; r < M; ++r) store_row(dqf.data() + r * D, D, g.scale, dqp + r * ldq.row);
+        }
+      }
+      T* dkp = dk + n * ldk.batch + hk * ldk.head + g.k0(n) * ldk.row;
+      T* dvp = dv + n * ldv.batch + hk * ldv.head + g.k0(n) * ldv.row;
+      for (int64_t j = 0; j < Lk; ++j) {
+        store_row(dkf.data() + j * D, D, 1.0f, dkp + j * ldk.row);
+        store_row(dvf.data() + j * D, D, 1.0f, dvp + j * ldv.row);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ torch glue
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, "fastlm attention (cpu): unsupported dtype ", t);
+  }
+}
+
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Validates the operands and fills the geometry (shapes, masks, sequence table).
+Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& kpm,
+                       const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k, int64_t max_q,
+                       int64_t max_k, int64_t causal, double dropout_p, double scale, int64_t seed, Tensor& mask_hold) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "fastlm attention (cpu): q, k, v must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "fastlm attention (cpu): q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "fastlm attention (cpu): dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(causal >= 0 && causal <= 2, "fastlm attention: causal must be 0, 1 (top-left) or 2 (bottom-right)");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastlm attention: dropout_p must be in [0, 1)");
+  const bool packed = cu_q.has_value();
+  TORCH_CHECK(packed == cu_k.has_value(), "fastlm attention: cu_seqlens_q and cu_seqlens_k go together");
+  Geometry g{};
+  if (packed) {
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "fastlm varlen attention: q, k, v must be (tokens, heads, head_dim)");
+    TORCH_CHECK(!kpm.has_value(), "fastlm varlen attention: key_padding_mask is not used with cu_seqlens");
+    for (const Tensor* cu : {&*cu_q, &*cu_k}) {
+      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() && cu->device().is_cpu(),
+                  "fastlm varlen attention: cu_seqlens must be contiguous 1-d int32 CPU tensors");
+    }
+    TORCH_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 1,
+                "fastlm varlen attention: cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries");
+    g.nseq = cu_q->numel() - 1;
+    g.cu_q = cu_q->data_ptr<int32_t>();
+    g.cu_k = cu_k->data_ptr<int32_t>();
+    for (auto [cu, total, mx] : {std::tuple{g.cu_q, q.size(0), max_q}, std::tuple{g.cu_k, k.size(0), max_k}}) {
+      TORCH_CHECK(cu[0] == 0 && cu[g.nseq] == total, "fastlm varlen attention: cu_seqlens must start at 0 and end at the token count ", total);
+      for (int64_t n = 0; n < g.nseq; ++n)
+        TORCH_CHECK(cu[n + 1] >= cu[n] && cu[n + 1] - cu[n] <= mx,
+                    "fastlm varlen attention: cu_seqlens must be non-decreasing with lengths <= max_seqlen");
+    }
+    g.heads_q = q.size(1);
+    g.heads_k = k.size(1);
+    g.seqlen_q = max_q;
+    g.seqlen_k = max_k;
+  } else {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fastlm attention: q, k, v must be (batch, heads, seq, head_dim)");
+    TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastlm attention: q, k, v batch sizes differ");
+    TORCH_CHECK(v.size(2) == k.size(2), "fastlm attention: k and v sequence lengths differ");
+    g.nseq = q.size(0);
+    g.heads_q = q.size(1);
+    g.heads_k = k.size(1);
+    g.seqlen_q = q.size(2);
+    g.seqlen_k = k.size(2);
+    if (kpm.has_value()) {
+      TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == g.nseq && kpm->size(1) == g.seqlen_k,
+                  "fastlm attention: key_padding_mask must be a (batch, seq_k) bool tensor");
+      mask_hold = kpm->contiguous();
+      g.key_mask = mask_hold.data_ptr<bool>();
+    }
+  }
+  const int64_t hdim = q.size(-1);
+  TORCH_CHECK(k.size(-1) == hdim && v.size(-1) == hdim, "fastlm attention: q, k, v head dims differ");
+  TORCH_CHECK(k.sizes() == v.sizes(), "fastlm attention: k and v shapes differ");
+  TORCH_CHECK(g.heads_k > 0 && g.heads_q % g.heads_k == 0, "fastlm attention: query heads must be a multiple of kv heads");
+  g.head_dim = hdim;
+  g.causal = causal;
+  g.scale = static_cast<float>(scale);
+  g.drop_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
+  g.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  g.seed = static_cast<uint64_t>(seed);
+  return g;
+}
+
+Tensor lse_empty(const Tensor& q, const Geometry& g, bool packed) {
+  auto opts = q.options().dtype(at::kFloat);
+  return packed ? at::empty({g.heads_q, q.size(0)}, opts) : at::empty({g.nseq, g.heads_q, g.seqlen_q}, opts);
+}
+
+Layout lse_layout(const Tensor& lse, bool packed) {
+  return packed ? Layout{0, lse.stride(0), 1} : Layout{lse.stride(0), lse.stride(1), 1};
+}
+
+std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                 const c10::optional<Tensor>& key_padding_mask,
+                                                 const c10::optional<Tensor>& cu_seqlens_q,
+                                                 const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                                 int64_t max_seqlen_k, int64_t causal, double dropout_p, double scale,
+                                                 int64_t seed) {
+  const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  Tensor mask_hold;
+  const Geometry g = make_geometry(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   causal, dropout_p, scale, seed, mask_hold);
+  const bool packed = cu_seqlens_q.has_value();
+  Tensor out = at::empty_like(q_in);
+  Tensor lse = lse_empty(q, g, packed);
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    forward_kernel<scalar_t>(g, q.data_ptr<scalar_t>(), layout_of(q, packed), k.data_ptr<scalar_t>(), layout_of(k, packed),
+                             v.data_ptr<scalar_t>(), layout_of(v, packed), out.data_ptr<scalar_t>(),
+                             layout_of(out, packed), lse.data_ptr<float>(), lse_layout(lse, packed));
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
+    const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
+    const Tensor& lse_in, const c10::optional<Tensor>& key_padding_mask, const c10::optional<Tensor>& cu_seqlens_q,
+    const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal,
+    double dropout_p, double scale, int64_t seed) {
+  const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const Tensor out = last_dim_contiguous(out_in), dout = last_dim_contiguous(dout_in);
+  Tensor mask_hold;
+  const Geometry g = make_geometry(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   causal, dropout_p, scale, seed, mask_hold);
+  const bool packed = cu_seqlens_q.has_value();
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fastlm attention backward: dout and out must have q's shape");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "fastlm attention backward: dout and out must have q's dtype");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "fastlm attention backward: lse must be float32");
+  TORCH_CHECK(lse_in.sizes() == lse_empty(q, g, packed).sizes(), "fastlm attention backward: lse has the wrong shape");
+  const Tensor lse = lse_in.contiguous();
+  Tensor dq = at::empty_like(q_in), dk = at::empty_like(k_in), dv = at::empty_like(v_in);
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    backward_kernel<scalar_t>(g, dout.data_ptr<scalar_t>(), layout_of(dout, packed), q.data_ptr<scalar_t>(),
+                              layout_of(q, packed), k.data_ptr<scalar_t>(), layout_of(k, packed),
+                              v.data_ptr<scalar_t>(), layout_of(v, packed), out.data_ptr<scalar_t>(),
+                              layout_of(out, packed), lse.data_ptr<float>(), lse_layout(lse, packed),
+                              dq.data_ptr<scalar_t>(), layout_of(dq, packed), dk.data_ptr<scalar_t>(),
+                              layout_of(dk, packed), dv.data_ptr<scalar_t>(), layout_of(dv, packed));
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm_C, m) {
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int causal, float dropout_p, float scale, "
+      "int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "int causal, float dropout_p, float scale, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}

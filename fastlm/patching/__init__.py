@@ -1,0 +1,163 @@
+"""``fastlm.patch(model)``: faster, lighter fine-tuning of Hugging Face models, per instance.
+
+    report = fastlm.patch(model)   # in place; print(report) says what was patched and why not
+    fastlm.unpatch(model)          # back to transformers' behaviour, bit for bit
+
+Mechanisms (each its own module), chosen per family by the table in
+:mod:`fastlm.patching.architectures`:
+
+* :mod:`~fastlm.patching.attention`: the ``"fastlm"`` implementation registered in
+  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (2D padding masks,
+  packed batches, causal with left padding, dropout, grouped-query), switched on with the
+  model's own ``set_attn_implementation``;
+* :mod:`~fastlm.patching.unpad`: BERT-family encoders run on packed real tokens, padding
+  removed once after the embeddings and restored once at the end (zeros at padded positions);
+* :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
+  labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
+* :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
+  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``.
+
+Everything is bound on the model INSTANCE (``types.MethodType``; originals kept on the
+instance): transformers' classes and module globals are untouched except for the additive
+``"fastlm"`` registration in its two interfaces, so other models in the process are
+unaffected.  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
+of the unpatched model.  transformers is imported at the first ``patch`` call, never by
+``import fastlm``.
+"""
+from __future__ import annotations
+
+import warnings
+
+from fastlm.patching import architectures, binding
+from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
+
+__all__ = ["patch", "unpatch", "PatchReport"]
+
+_ATTN_ORIGINAL = "_fastlm_attn_implementation"
+
+
+def _target(model):
+    """The transformers model inside ``model`` (a PEFT wrapper is looked through)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(inner, "config") and hasattr(inner, "set_attn_implementation")):
+        raise TypeError(f"fastlm.patch expects a transformers PreTrainedModel (or a PEFT model wrapping one), "
+                        f"got {type(model).__name__}")
+    return inner
+
+
+def _check_backend(backend: str) -> str:
+    from fastlm import registry
+
+    backend = registry.check_backend_name(backend)
+    if backend != "auto":
+        why = registry.BACKENDS[backend].unavailable_reason()
+        if why:
+            raise registry.BackendError(f"fastlm.patch: backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: bool = True,
+          backend: str = "auto") -> PatchReport:
+    """Patch ``model`` in place (see the module docstring); returns a :class:`PatchReport`.
+
+    Args:
+        attention: use fastlm's fused attention through transformers' attention interface.
+        cross_entropy: fused (sparse) head + loss for masked-LM / causal-LM training.
+        unpad: run BERT-family encoders on unpadded tokens (needs ``attention``).
+        backend: ``"auto"`` or a backend name for every fastlm op the model calls.
+
+    A family or feature fastlm cannot serve is left as it was, listed in the report, with
+    one warning naming it.  An unavailable ``backend`` or a non-transformers model raises.
+    Patching a patched model first undoes the previous patch.
+    """
+    target = _target(model)
+    backend = _check_backend(backend)
+    if binding.is_bound(target):
+        unpatch(model)
+    family = architectures.family_of(target)
+    name = type(target).__name__
+    report = PatchReport(name, family.name if family else None, backend)
+    if family is None:
+        model_type = getattr(target.config, "model_type", "?")
+        report.add("model", UNSUPPORTED, f"model type {model_type!r} is not in fastlm's architecture table")
+        warnings.warn(f"fastlm.patch: {name} (model type {model_type!r}) is not supported; left unchanged",
+                      stacklevel=2)
+        return report
+
+    if attention:
+        _patch_attention(target, backend, report)
+    else:
+        report.add("attention", NOT_APPLICABLE, "attention=False")
+    _patch_unpad(target, family, unpad, attention, report)
+    _patch_head(target, family, cross_entropy, backend, report)
+
+    unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
+    if unsupported:
+        warnings.warn(f"fastlm.patch({name}): left as transformers has it: {'; '.join(unsupported)}", stacklevel=2)
+    return report
+
+
+def _patch_attention(target, backend, report) -> None:
+    from fastlm.patching.attention import NAME, ensure_registered
+
+    ensure_registered()
+    original = target.config._attn_implementation
+    target.set_attn_implementation(NAME)
+    if target.config._attn_implementation != NAME:
+        report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
+        return
+    binding.set_attr(target, _ATTN_ORIGINAL, original)
+    if backend != "auto":
+        for module in target.modules():
+            binding.set_attr(module, "_fastlm_backend", backend)
+    report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
+
+
+def _patch_unpad(target, family, unpad, attention, report) -> None:
+    from fastlm.patching.unpad import patch_encoder
+
+    if not unpad:
+        report.add("unpad", NOT_APPLICABLE, "unpad=False")
+    elif family.encoder is None:
+        report.add("unpad", NOT_APPLICABLE, "decoder family: padding served by the attention's key-padding mask")
+    elif not attention:
+        report.add("unpad", UNSUPPORTED, "needs attention=True (the packed layers run fastlm's varlen attention)")
+    else:
+        encoder = getattr(target.base_model, family.encoder, None)
+        if encoder is None:
+            report.add("unpad", UNSUPPORTED, f"no encoder at base_model.{family.encoder}")
+            return
+        patch_encoder(target.base_model, encoder)
+        report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once)")
+
+
+def _patch_head(target, family, cross_entropy, backend, report) -> None:
+    from fastlm.patching.causal_lm import patch_causal_lm
+    from fastlm.patching.mlm_head import patch_masked_lm
+
+    task = architectures.task_of(target)
+    name = type(target).__name__
+    if task == "body":
+        report.add("head", NOT_APPLICABLE, f"{name}: head unchanged, reads the body's output")
+    elif not cross_entropy:
+        report.add("head", NOT_APPLICABLE, "cross_entropy=False")
+    elif task == "masked_lm" and family.masked_lm is not None:
+        patch_masked_lm(target, family.masked_lm, backend)
+        report.add("head", PATCHED, "sparse masked-LM head + fused linear cross-entropy in training "
+                                    "(logits=None when training with labels)")
+    elif task == "causal_lm" and family.causal_lm is not None:
+        patch_causal_lm(target, family.causal_lm, backend)
+        report.add("head", PATCHED, "fused linear cross-entropy over shifted labels in training "
+                                    "(logits=None when training with labels)")
+    else:
+        report.add("head", UNSUPPORTED, f"no fused loss for {name}")
+
+
+def unpatch(model) -> None:
+    """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model)."""
+    target = _target(model)
+    original = target.__dict__.get(_ATTN_ORIGINAL)
+    for module in target.modules():
+        binding.restore(module)
+    if original is not None:
+        target.set_attn_implementation(original)

@@ -1,0 +1,96 @@
+"""The table: which model families get which mechanisms, and where their parts live.
+
+A family is matched by ``config.model_type``; the task (masked LM, causal LM, or a body
+with an untouched head) by the model class name.  Adding a family is adding a row:
+
+* ``encoder``: attribute of the base model (``model.base_model``) holding the layer stack
+  to run unpadded, or None (decoders: their padding is served by the fused attention's
+  key-padding mask, and rotary/cache code expects padded positions);
+* ``masked_lm``: how to run the MLM head on selected rows (transform, decoder);
+* ``causal_lm``: the ``lm_head`` of a ``*ForCausalLM`` / ``*LMHeadModel`` (plain linear).
+
+Families not listed (or listed features a model lacks) are left as they were, with one
+warning naming them.  ModernBERT is not listed: it mixes sliding-window and global layers
+and has its own unpadding; it would only get the (exact, slower) softmax fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MaskedLMHead:
+    body: str                                  # attribute of the *ForMaskedLM holding the base model
+    transform: Callable                        # (model, rows (N, H)) -> (N, E): the head before the decoder
+    decoder: Callable                          # model -> nn.Linear (E -> V), weight usually tied
+
+
+@dataclass(frozen=True)
+class CausalLMHead:
+    body: str
+    head: Callable                             # model -> nn.Linear (H -> V)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple
+    encoder: str | None = None
+    masked_lm: MaskedLMHead | None = None
+    causal_lm: CausalLMHead | None = None
+
+
+def _roberta_transform(m, h):
+    head = m.lm_head
+    return head.layer_norm(F.gelu(head.dense(h)))
+
+
+_ROBERTA_MLM = MaskedLMHead("roberta", _roberta_transform, lambda m: m.lm_head.decoder)
+
+FAMILIES = (
+    Family("BERT", ("bert",), "encoder",
+           MaskedLMHead("bert", lambda m, h: m.cls.predictions.transform(h), lambda m: m.cls.predictions.decoder)),
+    Family("RoBERTa", ("roberta",), "encoder", _ROBERTA_MLM),
+    Family("XLM-RoBERTa", ("xlm-roberta",), "encoder", _ROBERTA_MLM),
+    Family("CamemBERT", ("camembert",), "encoder", _ROBERTA_MLM),
+    Family("ELECTRA", ("electra",), "encoder",
+           MaskedLMHead("electra", lambda m, h: m.generator_predictions(h), lambda m: m.generator_lm_head)),
+    Family("DistilBERT", ("distilbert",), "transformer",
+           MaskedLMHead("distilbert", lambda m, h: m.vocab_layer_norm(m.activation(m.vocab_transform(h))),
+                        lambda m: m.vocab_projector)),
+    Family("ALBERT", ("albert",), "encoder",
+           MaskedLMHead("albert", lambda m, h: m.predictions.LayerNorm(m.predictions.activation(m.predictions.dense(h))),
+                        lambda m: m.predictions.decoder)),
+    Family("Llama", ("llama",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
+    Family("Mistral", ("mistral",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
+    Family("Qwen2", ("qwen2",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
+    Family("Qwen3", ("qwen3",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
+    Family("GPT-2", ("gpt2",), causal_lm=CausalLMHead("transformer", lambda m: m.lm_head)),
+)
+
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+MASKED_LM_SUFFIXES = ("ForMaskedLM",)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Heads that only read the (re-padded) body output: an unpadded body serves them unchanged.
+BODY_SUFFIXES = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                 "ForMultipleChoice")
+
+
+def family_of(model) -> Family | None:
+    return _BY_TYPE.get(getattr(model.config, "model_type", None))
+
+
+def task_of(model) -> str:
+    """'masked_lm', 'causal_lm', 'body' (head untouched) or 'other' (head left as transformers has it)."""
+    name = type(model).__name__
+    if name.endswith(MASKED_LM_SUFFIXES):
+        return "masked_lm"
+    if name.endswith(CAUSAL_LM_SUFFIXES):
+        return "causal_lm"
+    if name.endswith(BODY_SUFFIXES):
+        return "body"
+    return "other"

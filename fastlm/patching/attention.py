@@ -1,0 +1,163 @@
+"""The ``"fastlm"`` attention implementation for transformers' attention interface.
+
+Registered lazily (first :func:`fastlm.patch` call) under the name ``"fastlm"`` in both
+``transformers.AttentionInterface`` (the attention function) and
+``transformers.AttentionMaskInterface`` (the mask builder).  The mask registration is
+not optional: for a name missing from the mask interface transformers skips mask
+creation and hands the attention function ``attention_mask=None``, silently dropping
+the padding.
+
+Mask builder: for the plain causal / bidirectional patterns it returns what the flash
+implementations get, the 2D ``(batch, kv_len)`` bool padding mask or None (no padding),
+so the fused kernel reads B x S booleans instead of a B x S x S mask.  Any other pattern
+(sliding window, packed-sequence detection from ``position_ids``, custom ``and``/``or``
+mask functions) gets SDPA's 4D bool mask, which the attention function serves through
+the softmax path: slower, never wrong.
+
+Attention function, per call:
+
+* ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (packed batch of shape
+  ``(1, total_tokens, ...)``, as produced by :mod:`fastlm.patching.unpad` or
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): ``fastlm.ops.varlen_attention``.
+* 2D padding mask or None: ``fastlm.ops.attention`` with ``key_padding_mask``; causal
+  models use bottom-right alignment (query i of the last ``q_len`` positions sees keys up
+  to its own position), which is top-left when ``q_len == kv_len`` and right for a KV cache;
+  left padding is just masked keys.  Grouped-query k/v go in unexpanded.
+* a 4D mask (custom or built above), ``output_attentions=True``, or a sliding window
+  that actually cuts: ``q @ k^T`` -> ``fastlm.ops.softmax`` (scale, mask, dropout in one
+  pass) -> ``@ v``, returning the probabilities; one warning per reason per process.
+* softcapping or attention sinks (``softcap``/``s_aux``): not served; raises, since no
+  patched architecture has them.
+
+Dropout is ``dropout`` as the model passes it (transformers already passes 0.0 in eval).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+NAME = "fastlm"
+_WARNED: set = set()
+_registered = False
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"fastlm attention: {reason}; this call uses the softmax path "
+                      "(q @ k^T -> fastlm.ops.softmax -> @ v), slower but exact", stacklevel=3)
+
+
+def _backend(module) -> str:
+    return getattr(module, "_fastlm_backend", "auto")
+
+
+def _as_int(x) -> int:
+    return int(x)  # max_length_* may arrive as a 0-d tensor (one host read per layer then)
+
+
+def fastlm_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None,
+                             softcap: float | None = None, is_causal: bool | None = None,
+                             s_aux=None, **kwargs):
+    """transformers attention-interface function: q ``(B, Hq, Sq, D)``, k/v ``(B, Hk, Sk, D)``
+    -> ``(attn_output (B, Sq, Hq, D), attn_weights or None)``."""
+    # (from the submodules: once fastlm.ops.attention is imported, the package attribute
+    # ``fastlm.ops.attention`` is that submodule, not the function)
+    from fastlm.ops.attention import attention, varlen_attention
+    from fastlm.ops.softmax import softmax
+
+    if softcap is not None or s_aux is not None:
+        raise NotImplementedError("fastlm attention does not serve logit softcapping or attention sinks; "
+                                  "fastlm.patch does not switch such models to it")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    backend = _backend(module)
+    k, v = key.to(query.dtype), value.to(query.dtype)
+    seq_q, seq_k = query.shape[2], k.shape[2]
+
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None and not kwargs.get("output_attentions", False):
+        if query.shape[0] != 1:
+            raise ValueError(f"packed attention (cu_seq_lens_q given) needs batch size 1, got {query.shape[0]}")
+        if sliding_window is not None and sliding_window < _as_int(kwargs["max_length_k"]):
+            raise NotImplementedError("fastlm attention: packed sequences with a sliding window are not served")
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
+        out = varlen_attention(
+            query[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+            cu_q.to(torch.int32), cu_k.to(torch.int32),
+            _as_int(kwargs["max_length_q"]), _as_int(kwargs.get("max_length_k", kwargs["max_length_q"])),
+            causal="bottom_right" if causal else False, dropout_p=dropout, scale=scaling, backend=backend)
+        return out.unsqueeze(0), None
+
+    mask = attention_mask
+    reason = None
+    if kwargs.get("output_attentions", False):
+        reason = "output_attentions=True needs the attention probabilities"
+    elif mask is not None and mask.dim() == 4:
+        reason = "a 4D attention mask (custom, or a pattern beyond padding + causal)"
+    elif sliding_window is not None and seq_k > sliding_window:
+        reason = "a sliding window shorter than the keys"
+    if reason is None:
+        out = attention(query, k, v, key_padding_mask=mask,
+                            causal="bottom_right" if causal else False,
+                            dropout_p=dropout, scale=scaling, backend=backend)
+        return out.transpose(1, 2), None
+
+    _warn_once(reason)
+    if mask is None or mask.dim() != 4:
+        mask = _dense_mask(mask, query.shape[0], seq_q, seq_k, causal, sliding_window, query.device)
+    groups = query.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    probs = softmax(query @ k.transpose(-1, -2), scale=scale, mask=mask, dropout_p=dropout, backend=backend)
+    return (probs @ v).transpose(1, 2), probs
+
+
+def _dense_mask(padding, batch, seq_q, seq_k, causal, window, device):
+    """Bool ``(B or 1, 1, Sq, Sk)`` mask, True = attend: padding & bottom-right causal & window."""
+    q_pos = torch.arange(seq_k - seq_q, seq_k, device=device)[:, None]
+    k_pos = torch.arange(seq_k, device=device)[None, :]
+    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep & (k_pos <= q_pos)
+    if window is not None:
+        keep = keep & (q_pos - k_pos < window) if causal else keep & ((q_pos - k_pos).abs() < window)
+    keep = keep[None, None]
+    if padding is not None:
+        keep = keep & padding.to(torch.bool)[:, None, None, :]
+    return keep
+
+
+def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                attention_mask=None, **kwargs):
+    """transformers mask-interface function (see module docstring)."""
+    from transformers import masking_utils as mu
+
+    plain = (getattr(mu, "causal_mask_function", None), getattr(mu, "bidirectional_mask_function", None))
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    if mask_function in plain:
+        return mu.flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                       mask_function, attention_mask, **kwargs)
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def ensure_registered() -> None:
+    """Register ``"fastlm"`` in transformers' attention and mask interfaces (additive, idempotent)."""
+    global _registered
+    if _registered:
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - guarded for older/newer transformers
+        raise ImportError(f"fastlm.patch needs transformers >= 5.17 with AttentionInterface and "
+                          f"AttentionMaskInterface ({exc})") from exc
+    AttentionInterface.register(NAME, fastlm_attention_forward)
+    AttentionMaskInterface.register(NAME, fastlm_mask)
+    _registered = True

@@ -1,0 +1,52 @@
+"""Fused causal-LM loss: ``lm_head`` matmul + shifted cross-entropy without stored logits.
+
+Used when the model is training and ``labels`` are given (otherwise the original forward
+runs).  Same semantics as transformers' ``ForCausalLMLoss``: labels shifted left by one
+(the last position predicts nothing) unless ``shift_labels`` is given, -100 ignored, the
+mean over labelled tokens, or, when the Trainer passes ``num_items_in_batch`` (gradient
+accumulation), the sum divided by it.  Rows without a label are dropped before the
+matmul; ``logits`` is returned as None.  Only heads that are a plain ``nn.Linear``
+(no logit soft-capping or scaling) are patched: see :mod:`fastlm.patching.architectures`.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch.nn.functional as F
+
+from fastlm.patching import binding
+from fastlm.patching.mlm_head import IGNORE_INDEX, labelled_rows, linear_loss, output_like
+
+
+def patch_causal_lm(model, spec, backend: str) -> None:
+    """Bind the fused-loss forward on a ``*ForCausalLM`` instance (``spec``: :class:`~fastlm.patching.architectures.CausalLMHead`)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def forward(self, *args, **kwargs):
+            named = binding.split_call(signature, args, kwargs)
+            labels = named.pop("labels", None)
+            logits_to_keep = named.pop("logits_to_keep", 0)
+            if labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0):
+                return original(*args, **kwargs)
+            return_dict = named.pop("return_dict", None)
+            if return_dict is None:
+                return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+            shift_labels = named.pop("shift_labels", None)
+            num_items = named.pop("num_items_in_batch", None)
+            body = getattr(self, spec.body)(**named, return_dict=True)
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            hidden, targets = labelled_rows(body[0], shift_labels)
+            if num_items is None:
+                loss = linear_loss(hidden, spec.head(self), targets, backend)
+            else:
+                loss = linear_loss(hidden, spec.head(self), targets, backend, reduction="sum")
+                loss = loss / (num_items.to(loss.device) if hasattr(num_items, "to") else num_items)
+            out = output_like(CausalLMOutputWithPast, loss, body)
+            return out if return_dict else out.to_tuple()
+        return forward
+
+    binding.bind(model, "forward", make)

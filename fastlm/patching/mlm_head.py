@@ -1,0 +1,84 @@
+"""Sparse masked-LM prediction: the head and the loss only on labelled positions.
+
+transformers' ``*ForMaskedLM.forward`` runs the prediction head (transform H -> H, then
+the decoder H -> V, V = 30,522 for BERT) on EVERY position and then a separate
+cross-entropy, although only ~15% of positions carry a label: for 16 x 256 tokens that
+is 125M logits (500 MB fp32) plus their gradient.  The replacement forward, used when the
+model is training AND ``labels`` are given:
+
+* runs the (unpadded) body, takes the rows whose label is not -100 (one host read: their
+  count), runs the head transform on those rows only, and computes the loss with
+  ``fastlm.ops.linear_cross_entropy`` (decoder matmul + CE fused, logits never stored);
+* returns ``logits=None`` (as ModernBERT's ``sparse_prediction`` and Liger do); the loss is
+  the same mean over labelled positions.  A batch with no labelled position gives 0.0
+  (transformers gives NaN).
+
+In eval mode, or without labels, the original forward runs (full logits, same loss).
+The decoder weight is tied to the word embeddings: the fused op returns its gradient
+into the same parameter.  Under autocast the head's activations are low precision; the
+decoder weight is cast to their dtype exactly as autocast's ``linear`` would, the loss
+accumulates in fp32.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from fastlm.patching import binding
+
+IGNORE_INDEX = -100
+
+
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden (..., H)``, ``labels (...)`` -> the labelled rows ``(N, H)`` and their labels ``(N,)``."""
+    labels = labels.reshape(-1).to(hidden.device)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: N decides every shape after it
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
+
+
+def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Tensor, backend: str,
+                reduction: str = "mean") -> torch.Tensor:
+    """``fastlm.ops.linear_cross_entropy(hidden, decoder.weight, labels, bias=decoder.bias)``."""
+    from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+
+    weight, bias = decoder.weight, decoder.bias
+    if weight.dtype != hidden.dtype:  # autocast: the head ran in low precision
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
+                                    reduction=reduction, backend=backend)
+    return loss.float()  # transformers' losses are fp32 (it upcasts the logits)
+
+
+def output_like(output_cls, loss, base_outputs):
+    """``output_cls(loss=loss, logits=None, <every other field the body returned that it has>)``."""
+    fields = getattr(output_cls, "__dataclass_fields__", {})
+    extra = {k: v for k, v in base_outputs.items()
+             if k in fields and k not in ("loss", "logits", "last_hidden_state")}
+    return output_cls(loss=loss, logits=None, **extra)
+
+
+def patch_masked_lm(model, spec, backend: str) -> None:
+    """Bind the sparse forward on a ``*ForMaskedLM`` instance; ``spec`` is its :class:`~fastlm.patching.architectures.MaskedLMHead`."""
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def forward(self, *args, **kwargs):
+            named = binding.split_call(signature, args, kwargs)
+            labels = named.pop("labels", None)
+            if labels is None or not self.training:
+                return original(*args, **kwargs)
+            return_dict = named.pop("return_dict", None)
+            if return_dict is None:
+                return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+            body = getattr(self, spec.body)(**named, return_dict=True)
+            hidden, targets = labelled_rows(body[0], labels)
+            loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend)
+            out = output_like(MaskedLMOutput, loss, body)
+            return out if return_dict else out.to_tuple()
+        return forward
+
+    binding.bind(model, "forward", make)

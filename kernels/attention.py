@@ -1,0 +1,509 @@
+"""Triton flash attention (the ``triton`` backend of ``fastlm.ops.attention`` and
+``fastlm.ops.varlen_attention``): exact attention with an online softmax, never an
+``Lq x Lk`` matrix in memory.
+
+Two layouts share every kernel (``IS_VARLEN``):
+
+* padded: ``q`` ``(B, Hq, Sq, D)``, ``k``/``v`` ``(B, Hk, Sk, D)``, any strides with a
+  unit last-dim stride (Hugging Face passes transposed views of ``(B, S, H, D)``);
+  ``key_padding_mask`` ``(B, Sk)`` bool, True = attend, any pattern (left or right
+  padding); ``lse`` is ``(B, Hq, Sq)``.
+* packed: ``q`` ``(Tq, Hq, D)``, ``k``/``v`` ``(Tk, Hk, D)``, sequence ``n`` owns tokens
+  ``cu_seqlens[n]:cu_seqlens[n+1]``; ``max_seqlen_*`` only size the grid (programs past a
+  sequence's end exit at once), so nothing is read back to the host; ``lse`` is ``(Hq, Tq)``.
+
+Masking, per sequence of ``Lq`` queries and ``Lk`` keys: ``causal`` 0 = none,
+1 = top-left (query ``i`` sees keys ``j <= i``, as SDPA's ``is_causal``), 2 = bottom-right
+(``j <= i + Lk - Lq``, what a KV cache needs); ANDed with the key padding mask.  A query
+row that sees no key gets ``out = 0``, ``lse = -inf`` and zero gradients.
+
+Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hk)``.
+
+Dropout acts on the normalised probabilities (kept ones scaled by ``1 / (1 - p)``).  Its
+bits come from Philox, ``tl.rand(seed, offset)``, with ``offset`` the linear index of
+the (query row, key) pair in an ``(rows of lse) x (keys of the layout)`` space: a pure
+function of (batch or sequence, head, query, key), so the backward kernels regenerate
+the forward's mask exactly, whatever their block sizes.
+
+Numerics: scores, the running max/sum and the accumulator are fp32; ``log2(e)`` is
+folded into the scale so the softmax runs on ``exp2``; P is rounded to the input dtype
+before the P @ V product (as every flash kernel does).  fp32 inputs use IEEE fp32 dot
+products (no TF32), so fp32 matches an fp32 reference to ~1e-6.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.registry import triton_interpreted
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------------- autotuning
+# A few deliberate configs per kernel.  The autotune key is (head-dim block, masking
+# features, a power-of-two bucket of the longest query / key sequence) plus the tensor
+# dtypes, which triton adds itself: a new sequence length re-uses its bucket's choice.
+# The interpreter runs one fixed, small config (benchmarking configs there would take
+# minutes and mean nothing).
+def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list[triton.Config]:
+    if triton_interpreted():
+        bm, bn = interpreted
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulators / operand buffers cannot fit at large head dims."""
+    d = kwargs["BLOCK_D"]
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] * d <= 128 * 128 and c.kwargs["BLOCK_N"] * d <= 128 * 128]
+    return fits or configs[-1:]
+
+
+_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "IS_VARLEN"]
+_PRUNE = {"early_config_prune": _prune}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)], (32, 16))
+_DKDV = _configs([(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)], (16, 32))
+_DQ = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)], (32, 16))
+_DELTA_BLOCK_M = 32 if triton_interpreted() else 64
+
+
+def _bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
+
+
+# ---------------------------------------------------------------------- shared helpers
+@triton.jit
+def _seq_bounds(CU, off_b, seqlen, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence ``off_b``: from ``cu_seqlens`` or the padded length."""
+    if IS_VARLEN:
+        start = tl.load(CU + off_b).to(tl.int64)
+        end = tl.load(CU + off_b + 1).to(tl.int64)
+        return start, end - start
+    else:
+        return 0, seqlen
+
+
+@triton.jit
+def _visible(qi, kj, len_q, len_k, kpm, stride_mn, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Which (query ``qi``, key ``kj``) pairs attend; ``qi``/``kj`` broadcast to the tile."""
+    vis = (qi < len_q) & (kj < len_k)
+    if HAS_MASK:
+        vis = vis & (tl.load(kpm + kj * stride_mn, mask=kj < len_k, other=0) != 0)
+    if CAUSAL == 1:
+        vis = vis & (kj <= qi)
+    elif CAUSAL == 2:
+        vis = vis & (kj <= qi + (len_k - len_q))
+    return vis
+
+
+@triton.jit
+def _dropout_keep(seed, row, key, drop_stride, dropout_p):
+    """Philox keep-bits for (lse row ``row``, key ``key``); identical in forward and backward."""
+    return tl.rand(seed, row * drop_stride + key) >= dropout_p
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in fp32.  DOT_PRECISION: "tf32" for fp16/bf16 inputs (no
+    effect there), "ieee" for fp32 inputs (no TF32 rounding), or "widen": only under the
+    interpreter with bf16 inputs, whose tl.dot would multiply the raw uint16 bit
+    patterns (triton stores bf16 as uint16 there); widening bf16 -> fp32 is exact, so
+    the product equals a bf16 MMA with fp32 accumulation."""
+    if DOT_PRECISION == "widen":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _causal_key_end(start_m, len_q, len_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key any query of block ``start_m`` can see."""
+    if CAUSAL == 1:
+        return tl.minimum(len_k, (start_m + 1) * BLOCK_M)
+    elif CAUSAL == 2:
+        return tl.minimum(len_k, (start_m + 1) * BLOCK_M + (len_k - len_q))
+    else:
+        return len_k
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(
+    Q, K, V, O, LSE, KPM, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh, stride_mb, stride_mn,
+    seqlen_q, seqlen_k, drop_stride, num_heads, group,
+    qk_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: BLOCK_M queries of one (sequence, head).  Q is read once, K and V once
+    # per query block; O and the log-sum-exp are written once.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hk = off_h // group
+    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    if start_m * BLOCK_M >= len_q:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # head dims that are not powers of two: masked lanes read 0
+    row_ok = offs_m < len_q
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    kpm = KPM + off_b * stride_mb
+    lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m  # also the dropout row id
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i), before dropout
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        kj = start_n + offs_n
+        kv_ok = kj < len_k
+        kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _mma(q, kt, DOT_PRECISION) * qk_scale
+        s = tl.where(_visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN: p and alpha are then exactly 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser counts every key; only the product with V is dropped
+            p = tl.where(_dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], drop_stride, dropout_p), p, 0.0)
+        v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key: out = 0 (acc is 0), lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_scale = 1.0 / l_safe
+    if DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, (acc * out_scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + lse_row, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------- backward
+# Backward = three launches:
+#   1. delta = rowsum(dO * O) per query row (fp32, laid out like lse);
+#   2. one program per (key block, sequence, kv head) accumulates dK and dV in registers
+#      over every query block of every query head in its GQA group: no atomics, dK/dV
+#      written once, and the group sum happens in fp32;
+#   3. one program per (query block, sequence, query head) accumulates dQ over its keys.
+# Splitting dQ off costs two extra matmuls per tile (S and dP are recomputed) compared
+# with fp32 atomic adds into a dQ buffer, but it is deterministic, needs no fp32 dQ
+# scratch (Tq*Hq*D*4 bytes) nor a cast pass, and lets autotuning re-run kernels safely.
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, stride_lb, stride_lh,
+    seqlen_q, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    if start_m * BLOCK_M >= len_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = (q_start + offs_m)[:, None]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < len_q)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, lse_row, row_ok):
+    """log2-domain lse and delta of a block of query rows.  Rows with no visible key
+    (lse = -inf) and rows past the sequence get lse = +inf, so exp2(s - lse) = 0."""
+    lse = tl.load(LSE + lse_row, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh, stride_mb, stride_mn,
+    seqlen_q, seqlen_k, drop_stride, num_kv_heads, group,
+    qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Tiles are computed transposed (keys x queries) so that dV += P^T dO and
+    # dK += dS^T Q need no transposed operand in registers.
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_kv_heads).to(tl.int64)
+    off_hk = (off_bh % num_kv_heads).to(tl.int64)
+    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    if start_n * BLOCK_N >= len_k:
+        return
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
+    rows_k = (k_start + offs_n)[:, None]
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + rows_k * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + rows_k * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    kpm = KPM + off_b * stride_mb
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0  # first query block that can see this key block
+    if CAUSAL == 1:
+        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    elif CAUSAL == 2:
+        lo = (tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, group):
+        off_h = off_hk + g * num_kv_heads
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        do_base = DO + off_b * stride_db + off_h * stride_dh + q_start * stride_dm
+        for start_m in range(lo, len_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < len_q
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask, other=0.0)
+            lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
+            lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
+
+            st = _mma(k, tl.trans(q), DOT_PRECISION) * qk_scale
+            st = tl.where(_visible(offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), st, float("-inf"))
+            pt = tl.exp2(st - lse[None, :])  # P^T, normalised by the forward's lse
+            dpt = _mma(v, tl.trans(do), DOT_PRECISION)  # d(P after dropout)^T
+            if DROPOUT:
+                keep = _dropout_keep(seed, lse_row[None, :], k_start + offs_n[:, None], drop_stride, dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                dv += _mma(tl.where(keep, pt * inv_keep, 0.0).to(do.dtype), do, DOT_PRECISION)
+                dpt = tl.where(keep, dpt * inv_keep, 0.0)
+            else:
+                dv += _mma(pt.to(do.dtype), do, DOT_PRECISION)
+            # dS = P * (dP - delta); delta = rowsum(dO * O) equals rowsum(P * dP) with dropout too.
+            dst = pt * (dpt - delta[None, :])
+            dk += _mma(dst.to(q.dtype), q, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + rows_k * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + rows_k * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, KPM, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_mb, stride_mn,
+    seqlen_q, seqlen_k, drop_stride, num_heads, group,
+    qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hk = off_h // group
+    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    if start_m * BLOCK_M >= len_q:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < len_q
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    rows = (q_start + offs_m)[:, None]
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :], mask=q_mask, other=0.0)
+    lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
+    lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    kpm = KPM + off_b * stride_mb
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        kj = start_n + offs_n
+        kv_mask = (kj < len_k)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + kj[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s = tl.where(_visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = _mma(do, tl.trans(v), DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], drop_stride, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _mma(ds.to(k.dtype), k, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------- host wrappers
+def _bhm(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides: padded ``(B, H, S, D)`` or packed ``(T, H, D)``."""
+    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"
+    return "widen" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with stride 1; copy only the rare tensor that lacks it
+    (e.g. an expanded gradient)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Layout:
+    """Everything the three kernels share about one call: sequence counts, strides of
+    the lse / delta / dropout-row space, the key padding mask, compile-time features."""
+
+    def __init__(self, q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 causal, dropout_p, scale, seed):
+        self.packed = cu_seqlens_q is not None
+        if self.packed:
+            tq, hq, d = q.shape
+            tk = k.shape[0]
+            self.batch = cu_seqlens_q.shape[0] - 1
+            self.seqlen_q, self.seqlen_k = 0, 0
+            self.max_q, self.max_k = int(max_seqlen_q), int(max_seqlen_k)
+            self.lse_shape, self.lse_strides = (hq, tq), (0, tq)
+            self.drop_stride = tk
+            self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+        else:
+            self.batch, hq, sq, d = q.shape
+            sk = k.shape[2]
+            self.seqlen_q, self.seqlen_k = sq, sk
+            self.max_q, self.max_k = sq, sk
+            self.lse_shape, self.lse_strides = (self.batch, hq, sq), (hq * sq, sq)
+            self.drop_stride = sk
+            self.cu_q = self.cu_k = q  # never read when not IS_VARLEN
+        self.heads = hq
+        self.kv_heads = k.shape[-2] if self.packed else k.shape[1]
+        self.group = hq // self.kv_heads
+        self.head_dim = d
+        if key_padding_mask is not None:
+            self.kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+            self.kpm_strides = (self.kpm.stride(0), self.kpm.stride(1))
+        else:
+            self.kpm, self.kpm_strides = q, (0, 0)  # never read when not HAS_MASK
+        self.scale = float(scale)
+        self.dropout_p = float(dropout_p)
+        self.seed = int(seed) if dropout_p > 0 else 0
+        self.buckets = (_bucket(self.max_q), _bucket(self.max_k))
+        self.meta = dict(
+            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=int(causal),
+            HAS_MASK=key_padding_mask is not None, DROPOUT=self.dropout_p > 0.0, IS_VARLEN=self.packed,
+            DOT_PRECISION=_dot_precision(q.dtype),
+        )
+
+    def grid(self, blocks_of: int, heads: int, block_key: str):
+        return lambda meta: (triton.cdiv(blocks_of, meta[block_key]), self.batch * heads)
+
+    def scalars(self, heads: int, *, backward: bool):
+        qk_scale = self.scale * LOG2E
+        scales = (qk_scale, self.scale) if backward else (qk_scale,)
+        return (self.seqlen_q, self.seqlen_k, self.drop_stride, heads, self.group,
+                *scales, self.dropout_p, self.seed, *self.buckets)
+
+
+def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, dropout_p, scale, seed):
+    """Flash attention forward; returns ``(out, lse)``: ``out`` like ``q`` (same strides),
+    ``lse`` fp32 natural-log ``(B, Hq, Sq)`` padded or ``(Hq, Tq)`` packed (-inf for a
+    row that sees no key).  See the module docstring for layouts and masking."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  causal, dropout_p, scale, seed)
+    out = torch.empty_like(q)
+    lse = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
+        return out, lse.fill_(float("-inf"))
+    _attn_fwd[lay.grid(lay.max_q, lay.heads, "BLOCK_M")](
+        q, k, v, out, lse, lay.kpm, lay.cu_q, lay.cu_k,
+        *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(out, lay.packed),
+        *lay.lse_strides, *lay.kpm_strides,
+        *lay.scalars(lay.heads, backward=False), **lay.meta,
+    )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed):
+    """Gradients ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` from the forward's ``out``
+    and ``lse``; dropout is regenerated from ``seed``.  dK/dV sum over the query heads of
+    each GQA group in fp32."""
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  causal, dropout_p, scale, seed)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 or lay.batch == 0 or lay.max_q == 0 or lay.max_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(lay.max_q, _DELTA_BLOCK_M), lay.batch * lay.heads)](
+        out, dout, delta, lay.cu_q, *_bhm(out, lay.packed), *_bhm(dout, lay.packed), *lay.lse_strides,
+        lay.seqlen_q, lay.heads,
+        HEAD_DIM=lay.head_dim, BLOCK_D=lay.meta["BLOCK_D"], IS_VARLEN=lay.packed, BLOCK_M=_DELTA_BLOCK_M,
+    )
+    shared = (*lay.lse_strides, *lay.kpm_strides)
+    _attn_bwd_dkdv[lay.grid(lay.max_k, lay.kv_heads, "BLOCK_N")](
+        q, k, v, dout, dk, dv, lse, delta, lay.kpm, lay.cu_q, lay.cu_k,
+        *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(dout, lay.packed),
+        *_bhm(dk, lay.packed), *_bhm(dv, lay.packed), *shared,
+        *lay.scalars(lay.kv_heads, backward=True), **lay.meta,
+    )
+    _attn_bwd_dq[lay.grid(lay.max_q, lay.heads, "BLOCK_M")](
+        q, k, v, dout, dq, lse, delta, lay.kpm, lay.cu_q, lay.cu_k,
+        *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(dout, lay.packed),
+        *_bhm(dq, lay.packed), *shared,
+        *lay.scalars(lay.heads, backward=True), **lay.meta,
+    )
+    return dq, dk, dv

@@ -1,0 +1,131 @@
+"""Triton cross-entropy kernels (compiled, unverified: never run on a GPU; tested on CPU
+under ``TRITON_INTERPRET=1``).
+
+Same contract as :mod:`fastlm.reference.cross_entropy` (read it for the formulas):
+``cross_entropy_forward(logits, labels, ignore_index, label_smoothing, z_loss, with_grad)``
+and ``cross_entropy_backward(grad_rows, scale)``; ``linear_cross_entropy_forward/_backward``
+run the shared chunk loop of :mod:`fastlm.reference.linear_cross_entropy` with these kernels.
+
+One program per row.  Rows of up to ``_ONE_BLOCK_MAX`` classes are loaded once into
+registers: read once, gradient written once.  Longer rows make two sweeps: the first
+keeps an online log-sum-exp (running max ``m`` and ``s = sum exp(x - m)``, rescaled when
+the max grows), the sum of the row (label smoothing) and ``x[label]``; the second
+re-reads the row, which was just read by this program and is still in L2, and writes
+the gradient.  DRAM traffic is one read of the logits and one write of the gradient.
+All arithmetic is fp32 whatever the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ONE_BLOCK_MAX = 8192  # classes held in registers at once (fp32: 32 KiB per program)
+_BLOCK = 4096  # sweep width for longer rows
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_index, eps, z_loss,
+                                  WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(Y + row)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    if y == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if WITH_GRAD:
+            for start in range(0, V, BLOCK):
+                tl.store(g_row + start + cols, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty),
+                         mask=start + cols < V)
+    else:
+        # NaN flags a label outside [0, V) (the device-side flag of the op's docstring).
+        poison = tl.where((y < 0) | (y >= V), float("nan"), 0.0)
+        if ONE_BLOCK:
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            m = tl.max(x, 0)
+            m_safe = tl.where(m == -float("inf"), 0.0, m)
+            s = tl.sum(tl.exp(x - m_safe), 0)
+            sx = tl.sum(tl.where(mask, x, 0.0), 0)
+            xy = tl.sum(tl.where(cols == y, x, 0.0), 0)
+        else:
+            m_safe = 0.0
+            m = -float("inf")
+            s = 0.0
+            sx = 0.0
+            xy = 0.0
+            for start in range(0, V, BLOCK):
+                mask = start + cols < V
+                x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, 0))
+                # m_safe avoids (-inf) - (-inf) while every logit so far is -inf
+                m_new_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_new_safe) + tl.sum(tl.exp(x - m_new_safe), 0)
+                m = m_new
+                m_safe = m_new_safe
+                sx += tl.sum(tl.where(mask, x, 0.0), 0)
+                xy += tl.sum(tl.where(start + cols == y, x, 0.0), 0)
+        lse = m_safe + tl.log(s)
+        loss = lse - (1.0 - eps) * xy + z_loss * lse * lse
+        # eps == 0 must not turn 0 * (-inf) into NaN when a logit is -inf
+        loss -= tl.where(eps > 0.0, eps * sx / V, 0.0)
+        tl.store(LOSS + row, loss + poison)
+        if WITH_GRAD:
+            p_scale = 1.0 + 2.0 * z_loss * lse
+            if ONE_BLOCK:
+                g = tl.exp(x - lse) * p_scale - eps / V - tl.where(cols == y, 1.0 - eps, 0.0) + poison
+                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+            else:
+                for start in range(0, V, BLOCK):
+                    mask = start + cols < V
+                    x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+                    g = (tl.exp(x - lse) * p_scale - eps / V
+                         - tl.where(start + cols == y, 1.0 - eps, 0.0) + poison)
+                    tl.store(g_row + start + cols, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(G, S, OUT, stride_g, stride_o, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    scale = tl.load(S + row)
+    g = tl.load(G + row * stride_g + cols, mask=mask).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (g * scale).to(OUT.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_forward(logits, labels, ignore_index: int, label_smoothing: float, z_loss: float,
+                          with_grad: bool):
+    n, v = logits.shape
+    assert logits.stride(1) == 1 and labels.is_contiguous()
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    one_block = v <= _ONE_BLOCK_MAX
+    block = triton.next_power_of_2(v) if one_block else _BLOCK
+    _cross_entropy_forward_kernel[(n,)](
+        logits, labels, loss, grad, logits.stride(0), grad.stride(0) if with_grad else 0, v,
+        ignore_index, label_smoothing, z_loss,
+        WITH_GRAD=with_grad, ONE_BLOCK=one_block, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return loss, grad
+
+
+def cross_entropy_backward(grad_rows, scale):
+    n, v = grad_rows.shape
+    out = torch.empty_like(grad_rows)
+    block = min(triton.next_power_of_2(v), 4096)
+    _scale_rows_kernel[(n, triton.cdiv(v, block))](grad_rows, scale, out, grad_rows.stride(0), out.stride(0), v,
+                                                   BLOCK=block, num_warps=4)
+    return out
+
+
+def linear_cross_entropy_forward(*args):
+    from fastlm.reference.linear_cross_entropy import chunked_forward
+
+    return chunked_forward(cross_entropy_forward, *args)
+
+
+def linear_cross_entropy_backward(*args):
+    from fastlm.reference.linear_cross_entropy import chunked_backward
+
+    return chunked_backward(cross_entropy_forward, cross_entropy_backward, *args)

@@ -1,0 +1,113 @@
+"""Tiny random models and padded batches for the fastlm.patch tests (not a test module)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+V = 97  # vocab: odd on purpose
+
+ENCODER_CONFIGS = {
+    "bert": ("BertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)),
+    "roberta": ("RobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=37, pad_token_id=1, max_position_embeddings=64)),
+    "xlm-roberta": ("XLMRobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=37, pad_token_id=1, max_position_embeddings=64)),
+    "camembert": ("CamembertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=37, pad_token_id=1, max_position_embeddings=64)),
+    "electra": ("ElectraConfig", dict(embedding_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=37)),
+    "distilbert": ("DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, dropout=0.0,
+                                            attention_dropout=0.0)),
+    "albert": ("AlbertConfig", dict(embedding_size=24, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                    intermediate_size=37, num_hidden_groups=1)),
+}
+ENCODER_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+                  "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert"}
+
+DECODER_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+}
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64)
+
+
+def _no_dropout(kw: dict, dropout: float) -> dict:
+    out = dict(kw)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+        out.setdefault(key, dropout)
+    return out
+
+
+def encoder(model_type: str, head: str = "ForMaskedLM", dropout: float = 0.0, **extra):
+    import transformers
+
+    config_name, kw = ENCODER_CONFIGS[model_type]
+    kw = _no_dropout(kw, dropout)
+    if model_type == "distilbert":
+        kw.update(dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout, qa_dropout=dropout)
+    config = getattr(transformers, config_name)(vocab_size=V, attn_implementation="sdpa", **kw, **extra)
+    cls = getattr(transformers, ENCODER_PREFIX[model_type] + head)
+    return cls(config)
+
+
+def decoder(model_type: str, dropout: float = 0.0):
+    import transformers
+
+    config_name, cls_name, kw = DECODER_CONFIGS[model_type]
+    full = dict(kw) if model_type == "gpt2" else dict(_LLAMA_LIKE, attention_dropout=dropout, **kw)
+    if model_type == "gpt2" and dropout:
+        full.update(attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout)
+    config = getattr(transformers, config_name)(vocab_size=V, attn_implementation="sdpa", **full)
+    return getattr(transformers, cls_name)(config)
+
+
+def padded_batch(lengths, seq=None, left=False, low=3):
+    """input_ids (B, S) and attention_mask (B, S) with the given real lengths."""
+    seq = seq or max(lengths)
+    ids = torch.randint(low, V, (len(lengths), seq))
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, seq - n:] = 1
+        else:
+            mask[i, :n] = 1
+    ids = ids.masked_fill(mask == 0, 1)
+    return ids, mask
+
+
+def mlm_labels(ids, mask, rate=0.3):
+    pick = (torch.rand(ids.shape) < rate) & (mask == 1)
+    pick[:, 1] |= mask[:, 1] == 1  # at least one labelled token per row
+    return torch.where(pick, ids, torch.full_like(ids, -100))
+
+
+def twins(model):
+    """(unpatched reference, copy to patch) with identical weights."""
+    return model, copy.deepcopy(model)
+
+
+def grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float, what: str, floor: float = 0.0) -> None:
+    """max |a - b| <= rel * max(max |b|, floor)."""
+    scale = max(b.abs().max().item(), floor)
+    err = (a - b).abs().max().item()
+    assert err <= rel * scale + 1e-30, f"{what}: max abs err {err:.3g} vs reference scale {scale:.3g} (rel {rel})"
+
+
+def assert_same_grads(ref_model, patched_model, rel: float) -> None:
+    g_ref, g_new = grads(ref_model), grads(patched_model)
+    assert g_ref.keys() == g_new.keys(), set(g_ref) ^ set(g_new)
+    # Some gradients are zero in exact arithmetic (the key bias: softmax is shift invariant)
+    # and only rounding noise in both runs: they are judged against 1% of the largest gradient.
+    floor = 0.01 * max(g.abs().max().item() for g in g_ref.values())
+    for name in g_ref:
+        assert_close_rel(g_new[name], g_ref[name], rel, f"grad {name}", floor)

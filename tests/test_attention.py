@@ -1,0 +1,393 @@
+"""fastlm.ops.attention (padded batches) against float64 attention written here.
+
+Numerics tests run on every backend that can serve CPU tensors: ``reference`` always,
+``cpu`` when fastlm._C has its attention kernel, ``triton`` under TRITON_INTERPRET=1 when
+``fastlm.kernels.attention`` exists (tiny shapes: the interpreter is slow).
+"""
+import importlib
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm.ops.attention as attn_ops
+from fastlm import registry
+from fastlm.ops.attention import attention
+from fastlm.registry import BackendError
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def backend_skip_reason(name: str) -> str | None:
+    """Why ``name`` cannot be tested on CPU tensors in this process (None: it can)."""
+    if name == "cpu":
+        from fastlm import _ext
+
+        why = _ext.unavailable_reason()
+        if why:
+            return why
+        if not hasattr(_ext.kernels(), "attention_forward") or not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fastlm_C::attention_forward", "CPU"):
+            return "fastlm._C has no CPU attention kernel yet"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1"
+        try:
+            importlib.import_module("fastlm.kernels.attention")
+        except ModuleNotFoundError as exc:
+            if exc.name != "fastlm.kernels.attention":
+                raise
+            return "fastlm.kernels.attention does not exist yet"
+    return None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    why = backend_skip_reason(request.param)
+    if why:
+        pytest.skip(f"{request.param}: {why}")
+    return request.param
+
+
+# ----------------------------------------------------------------- float64 expectation
+def visible_mask(sq, sk, causal=False, key_padding_mask=None):
+    """(B or 1, 1, sq, sk) bool: key j visible to query i."""
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    if causal is True:
+        m = j <= i
+    elif causal == "bottom_right":
+        m = j <= i + (sk - sq)
+    else:
+        m = torch.ones(sq, sk, dtype=torch.bool)
+    m = m[None, None]
+    if key_padding_mask is not None:
+        m = m & key_padding_mask[:, None, None, :]
+    return m
+
+
+def expected_attention(q, k, v, visible=None, scale=None, keep=None, dropout_p=0.0):
+    """softmax(scale * q k^T) v in float64 (differentiable); rows with no visible key -> 0.
+
+    ``keep`` (broadcastable to the scores) is an explicit dropout keep-mask.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, 1)
+    v = v.repeat_interleave(groups, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if visible is None:
+        visible = torch.ones(s.shape, dtype=torch.bool)
+    visible = visible.expand(s.shape)
+    any_visible = visible.any(-1, keepdim=True)
+    s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
+    p = torch.softmax(s, -1) * any_visible
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def make_qkv(b, hq, hk, sq, sk, d, dtype=torch.float32, bshd=False, requires_grad=True):
+    """Random q, k, v; ``bshd``: transposed views of (B, S, H, D) tensors as HF makes them."""
+    def one(h, s):
+        t = torch.randn(b, s, h, d, dtype=dtype).transpose(1, 2) if bshd else torch.randn(b, h, s, d, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+    return one(hq, sq), one(hk, sk), one(hk, sk)
+
+
+def padding_mask(b, sk, side):
+    """(b, sk) bool with lengths sk, sk-1, ..., at least 1 (batch 0 is full); None for side None."""
+    if side is None:
+        return None
+    lengths = torch.tensor([max(sk - 3 * i, 1) for i in range(b)])
+    pos = torch.arange(sk)[None, :]
+    return pos < lengths[:, None] if side == "right" else pos >= (sk - lengths)[:, None]
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def assert_close(actual, expected, tol, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1.0)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------ numerics
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, padding, bshd layout)
+CASES = [
+    (1, 2, 2, 1, 1, 16, False, None, False),
+    (3, 2, 1, 7, 97, 40, False, "right", True),
+    (3, 4, 2, 97, 7, 80, True, None, False),
+    (1, 2, 2, 130, 130, 64, True, None, True),
+    (3, 4, 1, 7, 7, 16, True, "left", False),
+    (3, 2, 2, 13, 9, 64, "bottom_right", "left", True),
+    (1, 4, 2, 9, 13, 40, "bottom_right", "right", False),
+    (3, 2, 2, 97, 130, 16, False, "left", False),
+]
+# Shapes the Triton interpreter runs in seconds.
+TRITON_CASES = {0, 2, 4, 5, 6}
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_backward_match_float64(backend, case):
+    if backend == "triton" and case not in TRITON_CASES:
+        pytest.skip("shape too slow for the Triton interpreter")
+    b, hq, hk, sq, sk, d, causal, padding, bshd = CASES[case]
+    q, k, v = make_qkv(b, hq, hk, sq, sk, d, bshd=bshd)
+    mask = padding_mask(b, sk, padding)
+    out = attention(q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride() == torch.empty_like(q).stride()
+    expected = expected_attention(q, k, v, visible_mask(sq, sk, causal, mask))
+    assert_close(out, expected, 1e-4, "out")
+    dout = torch.randn_like(out)
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
+        assert got.stride() == (q if name == "q" else k).stride()
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+def test_lse_matches_float64(backend):
+    """The kernel-level logsumexp (the backward's input): natural log, -inf for empty rows."""
+    b, hq, hk, sq, sk, d = 2, 4, 2, 9, 7, 16
+    q, k, v = make_qkv(b, hq, hk, sq, sk, d, requires_grad=False)
+    mask = torch.ones(b, sk, dtype=torch.bool)
+    mask[1] = False  # batch 1: every row fully masked
+    scale = 0.3
+    out, lse = torch.ops.fastlm.attention(q, k, v, mask, None, None, 0, 0, 2, 0.0, scale, None, backend)
+    assert lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(hq // hk, 1)) * scale
+    s = s.masked_fill(~visible_mask(sq, sk, "bottom_right", mask), float("-inf"))
+    want = torch.logsumexp(s, -1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert_close(lse[finite], want[finite], 1e-5, "lse")
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("sq,sk", [(5, 11), (11, 5)])
+def test_causal_top_left_is_sdpa_is_causal(backend, sq, sk):
+    q, k, v = make_qkv(2, 2, 2, sq, sk, 16, dtype=torch.float32)
+    out = attention(q, k, v, causal=True, backend=backend)
+    sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert_close(out, sdpa, 1e-5, "out vs SDPA is_causal")
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads(backend):
+    """Batch 1 has no keys; with bottom-right alignment and seq_q > seq_k the first rows see none."""
+    b, h, sq, sk, d = 2, 2, 9, 5, 16
+    q, k, v = make_qkv(b, h, h, sq, sk, d)
+    mask = torch.ones(b, sk, dtype=torch.bool)
+    mask[1] = False
+    out = attention(q, k, v, key_padding_mask=mask, causal="bottom_right", backend=backend)
+    dq, dk, dv = grads(out, (q, k, v), torch.randn_like(out))
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    empty_rows = sq - sk  # query i sees keys j <= i - (sq - sk)
+    assert (out[0, :, :empty_rows] == 0).all() and (dq[0, :, :empty_rows] == 0).all()
+    assert_close(out, expected_attention(q, k, v, visible_mask(sq, sk, "bottom_right", mask)), 1e-5, "out")
+
+
+def test_non_contiguous_last_dim_is_accepted(backend):
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 7, 7, 32))
+    q2, k2, v2 = (t[..., ::2] for t in (q, k, v))  # head_dim 16, last-dim stride 2
+    out = attention(q2, k2, v2, backend=backend)
+    assert_close(out, expected_attention(q2, k2, v2), 1e-5, "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_eager(backend, dtype):
+    """Error vs float64 at most 2x (out) / 3x (grads) plain PyTorch attention in ``dtype``."""
+    b, hq, hk, s, d = (2, 2, 1, 33, 16) if backend == "triton" else (2, 4, 2, 97, 64)
+    q, k, v = make_qkv(b, hq, hk, s, s, d, dtype=dtype)
+    mask = padding_mask(b, s, "right")
+    vis = visible_mask(s, s, True, mask)
+    dout = torch.randn(b, hq, s, d, dtype=dtype)
+    truth = expected_attention(q, k, v, vis)
+    truth_grads = grads(truth, (q, k, v), dout.double())
+    # Plain eager attention computed in ``dtype`` end to end.
+    kk, vv = (t.repeat_interleave(hq // hk, 1) for t in (k, v))
+    scores = (q @ kk.transpose(-1, -2) * (1.0 / math.sqrt(d))).masked_fill(~vis, float("-inf"))
+    eager = torch.softmax(scores, -1) @ vv
+    eager_grads = grads(eager, (q, k, v), dout)
+    out = attention(q, k, v, key_padding_mask=mask, causal=True, backend=backend)
+    assert out.dtype == dtype
+
+    def err(a, t):
+        return (a.double() - t).abs().max().item()
+
+    assert err(out, truth) <= 2 * err(eager, truth) + 1e-6
+    for name, got, want, ref in zip("qkv", grads(out, (q, k, v), dout), truth_grads, eager_grads):
+        assert got.dtype == dtype
+        assert err(got, want) <= 3 * err(ref, want) + 1e-6, f"d{name}"
+
+
+# ------------------------------------------------------------------------------- dropout
+def _recover_keep(b, hq, hk, sq, sk, d, p, seed, backend, causal=False):
+    """The dropout keep-mask of a call, read off by attending to v = identity.
+
+    With v[:, :, j] = e_j, out[i, j] = P_ij * keep_ij / (1 - p) and every visible P_ij > 0.
+    """
+    assert sk <= d
+    q = torch.randn(b, hq, sq, d) * 0.5
+    k = torch.randn(b, hk, sk, d) * 0.5
+    v = torch.eye(sk, d).expand(b, hk, sk, d)
+    torch.manual_seed(seed)
+    out = attention(q, k, v, causal=causal, dropout_p=p, backend=backend)
+    return out[..., :sk] > 0
+
+
+def test_dropout_keep_rate_and_scaling(backend):
+    b, h, sq, sk, d, p = 2, 2, 64, 16, 16, 0.3
+    q = torch.zeros(b, h, sq, d)  # uniform probabilities 1/sk
+    v = torch.eye(sk, d).expand(b, h, sk, d)
+    out = attention(q, q[:, :, :sk], v, dropout_p=p, backend=backend)[..., :sk]
+    kept = out > 0
+    # every kept probability is exactly (1/sk) / (1 - p); dropped ones are 0
+    assert_close(out[kept], torch.full_like(out[kept], 1.0 / (sk * (1 - p))), 1e-5, "kept probability")
+    n = kept.numel()
+    rate = kept.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate:.4f}, expected {1 - p}"
+
+
+def test_dropout_same_seed_same_result(backend):
+    q, k, v = make_qkv(1, 2, 2, 9, 13, 16, requires_grad=False)
+    torch.manual_seed(123)
+    a = attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(123)
+    b = attention(q, k, v, dropout_p=0.5, backend=backend)
+    c = attention(q, k, v, dropout_p=0.5, backend=backend)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_dropout_forward_and_backward_use_one_mask(backend):
+    """Output and gradients equal float64 attention with the keep-mask recovered from the forward."""
+    b, hq, hk, sq, sk, d, p, seed = 2, 4, 2, 9, 16, 16, 0.4, 77
+    keep = _recover_keep(b, hq, hk, sq, sk, d, p, seed, backend, causal=True)
+    q, k, v = make_qkv(b, hq, hk, sq, sk, d)
+    torch.manual_seed(seed)
+    out = attention(q, k, v, causal=True, dropout_p=p, backend=backend)
+    expected = expected_attention(q, k, v, visible_mask(sq, sk, True), keep=keep, dropout_p=p)
+    assert_close(out, expected, 1e-4, "out")
+    dout = torch.randn_like(out)
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+# ----------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("causal,padding,dropout_p", [
+    (False, None, 0.0), (True, "left", 0.0), ("bottom_right", "right", 0.0), (True, "right", 0.3)])
+def test_reference_gradcheck(causal, padding, dropout_p):
+    q, k, v = make_qkv(2, 2, 1, 4, 5, 3, dtype=torch.float64)
+    mask = padding_mask(2, 5, padding)
+
+    def fn(q, k, v):
+        torch.manual_seed(5)  # the same dropout mask on every evaluation
+        return attention(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# --------------------------------------------------------------------- registration
+def test_opcheck():
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 16, bshd=True)
+    mask = padding_mask(2, 7, "left")
+    seed = torch.tensor([3], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastlm.attention.default,
+                          (q, k, v, mask, None, None, 0, 0, 1, 0.2, 0.25, seed, "reference"))
+    out, lse = torch.ops.fastlm.attention(q, k, v, mask, None, None, 0, 0, 1, 0.2, 0.25, seed, "reference")
+    torch.library.opcheck(torch.ops.fastlm.attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mask,
+                           None, None, 0, 0, 1, 0.2, 0.25, seed, "reference"))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(2, 4, 2, 7, 9, 16)
+    mask = padding_mask(2, 9, "left")
+
+    def fn(q, k, v):
+        return attention(q, k, v, key_padding_mask=mask, causal=True, scale=0.3).sin()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got = compiled(q, k, v)
+    want = fn(q, k, v)
+    assert_close(got, want, 1e-6, "compiled out")
+    for name, a, e in zip("qkv", grads(got.sum(), (q, k, v), None), grads(want.sum(), (q, k, v), None)):
+        assert_close(a, e, 1e-6, f"compiled d{name}")
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad_inputs():
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 16, requires_grad=False)
+    ok_mask = torch.ones(2, 7, dtype=torch.bool)
+    return [
+        ((q.numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),
+        ((q, k, v.long()), {}, TypeError, "v must have dtype"),
+        ((q, k.half(), v), {}, TypeError, "k has dtype float16 but q has float32"),
+        ((q[0], k, v), {}, ValueError, "q must be 4-dimensional"),
+        ((q, k, v[:, :, :6]), {}, ValueError, "k and v must have the same shape"),
+        ((q, k[..., :8], v[..., :8]), {}, ValueError, "same head_dim"),
+        ((q[:, :3], k, v), {}, ValueError, r"query heads \(3\) must be a multiple"),
+        ((q[:1], k, v), {}, ValueError, "same batch size"),
+        ((q[:, :, :0], k, v), {}, ValueError, "q must not be empty"),
+        ((q, k.to("meta"), v.to("meta")), {}, ValueError, "k is on meta but q is on cpu"),
+        ((q, k, v), {"key_padding_mask": ok_mask.float()}, TypeError, "key_padding_mask must have dtype"),
+        ((q, k, v), {"key_padding_mask": ok_mask[:, :5]}, ValueError, r"key_padding_mask must have shape \(batch, seq_k\)"),
+        ((q, k, v), {"key_padding_mask": ok_mask[0]}, ValueError, "key_padding_mask must be 2-dimensional"),
+        ((q, k, v), {"key_padding_mask": ok_mask.to("meta")}, ValueError, "key_padding_mask is on meta"),
+        ((q, k, v), {"causal": "top_right"}, ValueError, "causal must be False, True or 'bottom_right'"),
+        ((q, k, v), {"causal": 1}, ValueError, "causal must be"),
+        ((q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p must be in"),
+        ((q, k, v), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a float"),
+        ((q, k, v), {"scale": "1"}, TypeError, "scale must be a float"),
+        ((q, k, v), {"scale": float("nan")}, ValueError, "scale must be finite"),
+        ((q, k, v), {"backend": "fast"}, ValueError, "backend must be 'auto' or one of"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_inputs())))
+def test_bad_input_raises_clearly(index):
+    args, kwargs, exc, match = _bad_inputs()[index]
+    with pytest.raises(exc, match=match):
+        attention(*args, **kwargs)
+
+
+def test_backend_errors(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 16, requires_grad=False)
+    with pytest.raises(BackendError, match="backend 'cuda' cannot serve this input: .+") as err:
+        attention(q, k, v, backend="cuda")
+    assert "not cpu" in str(err.value) or "fastlm._C" in str(err.value)
+    if registry.BACKENDS["triton"].unavailable_reason() is None:
+        with pytest.raises(BackendError, match="head_dim 8 outside 16..256"):
+            attention(q[..., :8], k[..., :8], v[..., :8], backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+            attention(q, k, v, backend="triton")
+    monkeypatch.setenv("FASTLM_BACKEND", "cuda")
+    with pytest.raises(BackendError, match="backend 'cuda'"):
+        attention(q, k, v)
+
+
+def test_auto_on_cpu_picks_a_cpu_backend():
+    f16 = registry.Problem.of("cpu", torch.float16, head_dim=64, causal=1, dropout=True, packed=False, gqa=True)
+    assert registry.select("attention", f16, "auto").backend in ("cpu", "reference")
+    f64 = registry.Problem.of("cpu", torch.float64, head_dim=64, causal=0, dropout=False, packed=True, gqa=False)
+    assert registry.select("attention", f64, "auto").backend == "reference"
+    assert set(registry.table(attn_ops.OP)) == {"reference", "cpu", "triton", "cuda"}
