@@ -11,7 +11,8 @@ Cases
 * ``bert<S>-pad<P>``: BERT-base attention, batch 32, 12 heads, head_dim 64, max length
   S in (128, 512), right padding with a realistic length mix: lengths drawn uniformly in
   [(1 - 2P) S, S] (one sequence at S, so the batch really pads to S), P ~ 0.4-0.48.
-  fastlm runs both ways: ``fastlm-<backend>`` on the padded batch with ``key_padding_mask``,
+  ``sdpa`` is SDPA's own choice (the baseline of the speedups), ``sdpa-<backend>`` one
+  backend forced with ``sdpa_kernel``.  fastlm runs both ways: ``fastlm-<backend>`` on the padded batch with ``key_padding_mask``,
   ``fastlm-<backend>-varlen`` on the unpadded tokens with ``cu_seqlens``.  SDPA gets the
   padding mask as it takes it, a bool ``attn_mask`` of shape (batch, 1, 1, S); its flash
   backend refuses any mask (the row says so).  ``flash_attn`` runs varlen.
@@ -134,18 +135,21 @@ def _eager(inputs):
 
 
 def _sdpa(backend):
+    """SDPA restricted to one backend, or (``backend=None``) its own dispatch, as HF calls it."""
+    from contextlib import nullcontext
+
     from torch.nn.attention import sdpa_kernel
 
     def fn(inputs):
         mask = inputs["mask"]
         attn_mask = None if mask is None else mask[:, None, None, :]
         try:
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend) if backend is not None else nullcontext():
                 return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"],
                                                       attn_mask=attn_mask, is_causal=inputs["causal"])
         except RuntimeError as exc:
             if "No available kernel" in str(exc) or "No viable backend" in str(exc):
-                raise Unsupported(f"SDPA {backend.name} refuses this input") from None
+                raise Unsupported(f"SDPA {getattr(backend, 'name', 'dispatch')} refuses this input") from None
             raise
     return fn
 
@@ -155,7 +159,7 @@ def sdpa_providers(quadratic_skip) -> list[Provider]:
 
     names = {"MATH": "math", "EFFICIENT_ATTENTION": "efficient", "FLASH_ATTENTION": "flash",
              "CUDNN_ATTENTION": "cudnn"}
-    providers = []
+    providers = [Provider("sdpa", _sdpa(None))]  # the baseline: what SDPA picks by itself
     for attr, short in names.items():
         backend = getattr(SDPBackend, attr, None)
         if backend is None:
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     providers = harness.select_providers(providers_for(quad), args.providers)
     print("FLOPs are counted on real (unpadded) tokens only; backward = 2.5x, fwd+bwd = 3.5x forward.",
           file=sys.stderr)
-    harness.run("attention", cases_for(preset, dtype), providers, **kwargs)
+    harness.run("attention", cases_for(preset, dtype), providers, baseline="sdpa", **kwargs)
     return 0
 
 

@@ -38,6 +38,7 @@ touch "$LOGDIR/start"
 if [ "$DRY" = 1 ]; then
   RESULTS=${GPU_CHECK_RESULTS:-$LOGDIR/results}
   SIZE_FLAG=--quick
+  TIMING="--rep-ms 20 --warmup-ms 5"
   export TRITON_INTERPRET=${GPU_CHECK_TRITON_INTERPRET:-1}
   TESTS=${GPU_CHECK_TESTS:-tests/test_registry.py tests/test_bench_harness.py}
   WORKERS=${GPU_CHECK_PYTEST_WORKERS:-0}
@@ -45,6 +46,7 @@ if [ "$DRY" = 1 ]; then
 else
   RESULTS=${GPU_CHECK_RESULTS:-$ROOT/bench/results}
   SIZE_FLAG=--gpu-check
+  TIMING=
   export TRITON_INTERPRET=0
   TESTS=${GPU_CHECK_TESTS:-tests}
   WORKERS=${GPU_CHECK_PYTEST_WORKERS:-4}
@@ -125,17 +127,17 @@ case $TESTS_STATUS in ok|"FAILED (exit 1)") ;; *) INCOMPLETE=(--incomplete) ;; e
 stage verification 30 "$PY" bench/gpu_verification.py "$GPU_VERIFICATION_RECORDS" \
   --out "$RESULTS/gpu_verification.json" --md "$LOGDIR/verification.md" --device "${DEVICE:-unknown}" ${INCOMPLETE[@]+"${INCOMPLETE[@]}"}
 
-stage bench_attention "${GPU_CHECK_ATTENTION_S:-50}" "$PY" bench/bench_attention.py $SIZE_FLAG --no-progress
+stage bench_attention "${GPU_CHECK_ATTENTION_S:-70}" "$PY" bench/bench_attention.py $SIZE_FLAG $TIMING
 for op in softmax cross_entropy; do
   if [ -f "bench/bench_$op.py" ]; then
-    stage "bench_$op" "${GPU_CHECK_OP_BENCH_S:-20}" "$PY" "bench/bench_$op.py" $SIZE_FLAG --no-progress
+    stage "bench_$op" "${GPU_CHECK_OP_BENCH_S:-25}" "$PY" "bench/bench_$op.py" $SIZE_FLAG $TIMING
   else
     printf '%s\tmissing (bench/bench_%s.py not in the tree)\t0\n' "bench_$op" "$op" >>"$LOGDIR/stages.tsv"
   fi
 done
 for f in bench/bench_finetune*.py; do
   [ -f "$f" ] || continue
-  stage "$(basename "$f" .py)" "${GPU_CHECK_FINETUNE_S:-30}" "$PY" "$f" $SIZE_FLAG
+  stage "$(basename "$f" .py)" "${GPU_CHECK_FINETUNE_S:-40}" "$PY" "$f" $SIZE_FLAG
 done
 
 # ------------------------------------------------------------------------------- report

@@ -33,10 +33,11 @@ API
     one provider per fastlm backend, ``call(inputs, backend)``; a backend that cannot run
     in this process (extension not built, no Triton, the Triton *interpreter*) is skipped
     with the registry's reason.
-``run(name, cases, providers, modes=MODES, device=None, ...) -> list[dict]``
+``run(name, cases, providers, modes=MODES, device=None, baseline=None, ...) -> list[dict]``
     measures every (case, provider, mode), shows a tqdm bar, measures the ceilings once,
-    appends the rows to ``bench/results/<name>.csv`` and ``.json`` (see :class:`Recorder`)
-    and prints a markdown table.
+    appends the rows to ``bench/results/<name>.csv`` and ``.json`` after each case (see
+    :class:`Recorder`; a run cut off by a time limit keeps its finished cases) and prints
+    a markdown table (``bench/report.py``) with speedups over ``baseline``.
 ``measure_ceilings(device, matmul_dtype=None) -> dict``
     the device's copy bandwidth (GB/s, bytes read + written by one large copy) and matmul
     rate (TFLOP/s, a large bf16 matmul on GPU, fp32 on CPU), measured now, on random data.
@@ -97,7 +98,7 @@ MAX_INPUT_SETS = 8
 
 # Columns in the order the CSV writes them (extra keys, e.g. case params, follow).
 COLUMNS = (
-    "run_id", "timestamp", "bench", "case", "provider", "mode", "status", "reason",
+    "run_id", "timestamp", "bench", "baseline", "case", "provider", "mode", "status", "reason",
     "ms_median", "ms_p20", "ms_p80", "reps", "input_sets", "peak_mb",
     "flops", "bytes", "tflops", "gbps", "frac_matmul", "frac_copy",
     "ceiling_copy_gbps", "ceiling_matmul_tflops",
@@ -545,8 +546,13 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
         rep_ms: float | None = None, min_reps: int | None = None, max_reps: int = 1000,
         rotate: bool = True, ceilings: bool = True, record: bool = True,
         results_dir: str | Path | None = None, progress: bool = True, memory: bool = True,
-        print_table: bool = True) -> list[dict]:
-    """Measure every (case, provider, mode); record and print the results (see module doc)."""
+        print_table: bool = True, baseline: str | None = None) -> list[dict]:
+    """Measure every (case, provider, mode); record and print the results (see module doc).
+
+    Rows are appended to the results files after each case, so a run cut off by a time
+    limit keeps the cases it finished.  ``baseline`` names the provider the report's
+    speedups are relative to (recorded in every row).
+    """
     device = torch.device(device) if device is not None else default_device()
     gpu = device.type == "cuda"
     warmup_ms = warmup_ms if warmup_ms is not None else (25.0 if gpu else 20.0)
@@ -558,12 +564,17 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     env = environment(device)
     ceiling = measure_ceilings(device) if ceilings else {}
+    meta = {"run_id": f"{env['timestamp']}-{uuid.uuid4().hex[:8]}", "timestamp": env["timestamp"], "bench": name,
+            "baseline": baseline or "", "ceiling_copy_gbps": ceiling.get("copy_gbps"),
+            "ceiling_matmul_tflops": ceiling.get("matmul_tflops"), **{k: env[k] for k in META_COLUMNS}}
+    recorder = Recorder(name, results_dir) if record else None
     rows = []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cases) * len(providers) * len(modes), desc=name, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     for case in cases:
+        case_rows = []
         sets = None
         try:
             sets = _make_sets(case, device, rotate)
@@ -578,18 +589,14 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
                 else:
                     row = measure(case, provider, mode, device, sets, ceiling, warmup_ms=warmup_ms,
                                   rep_ms=rep_ms, min_reps=min_reps, max_reps=max_reps, memory=memory)
-                rows.append(row)
+                case_rows.append({**row, **meta})
                 bar.update()
         del sets
         _release(device)
+        if recorder is not None:
+            recorder.write(case_rows, env, ceiling)
+        rows += case_rows
     bar.close()
-    run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:8]}"
-    for row in rows:
-        row.update(run_id=run_id, timestamp=env["timestamp"], bench=name,
-                   ceiling_copy_gbps=ceiling.get("copy_gbps"), ceiling_matmul_tflops=ceiling.get("matmul_tflops"),
-                   **{k: env[k] for k in META_COLUMNS})
-    if record:
-        Recorder(name, results_dir).write(rows, env, ceiling)
     if print_table:
         sys.path.insert(0, str(BENCH_DIR)) if str(BENCH_DIR) not in sys.path else None
         import report
@@ -618,6 +625,7 @@ class Recorder:
         self.json_path = self.dir / f"{name}.json"
 
     def write(self, rows: list[dict], meta: dict, ceilings: dict) -> None:
+        """Append ``rows``; rows of a run already in the JSON (same ``run_id``) join it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._append_csv(rows)
         self._append_json({"meta": meta, "ceilings": ceilings, "rows": rows})
@@ -652,7 +660,11 @@ class Recorder:
                 self.json_path.rename(backup)
                 warnings.warn(f"{self.json_path} was unreadable ({exc}); moved to {backup}")
                 runs = []
-        runs.append(run)
+        run_id = run["rows"][0].get("run_id") if run["rows"] else None
+        if runs and run_id is not None and runs[-1]["rows"] and runs[-1]["rows"][0].get("run_id") == run_id:
+            runs[-1]["rows"] += run["rows"]
+        else:
+            runs.append(run)
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(runs, indent=1, default=str))
         tmp.replace(self.json_path)
@@ -690,8 +702,9 @@ def run_kwargs(args: argparse.Namespace) -> dict:
         "results_dir": args.results_dir,
         "progress": not args.no_progress,
     }
-    if getattr(args, "gpu_check", False) and args.rep_ms is None:
-        kw["rep_ms"] = 100.0
+    if getattr(args, "gpu_check", False):  # gpu_check.sh gives each bench script about a minute
+        kw["rep_ms"] = 50.0 if args.rep_ms is None else args.rep_ms
+        kw["warmup_ms"] = 10.0 if args.warmup_ms is None else args.warmup_ms
     return kw
 
 

@@ -7,8 +7,9 @@
 The table has one row per (case, mode) and one column per provider; a cell reads
 ``median ms · rate (fraction of the measured ceiling) · speedup over the baseline``.
 The rate is TFLOP/s when the bench counted flops, else GB/s; the baseline defaults to
-the ``torch`` provider when there is one.  Skipped and failed providers are listed
-with their reasons under the table, and a second table gives peak extra memory.
+the one the bench script recorded (``run(..., baseline=)``), else ``torch``.  Skipped
+and failed providers are listed with their reasons under the table, and a second table
+gives peak extra memory.
 The plot (matplotlib, Agg backend, PNG) has one panel per mode: grouped bars of the
 rate (or of the time when no work was counted) per case and provider, with the
 measured ceiling as a dashed line.
@@ -121,8 +122,10 @@ def markdown(rows: list[dict], ceilings: dict | None = None, env: dict | None = 
         return "(no results)"
     # Providers with no measurement at all appear only in the "not measured" list.
     providers = _unique(r["provider"] for r in rows if r.get("status") == "ok")
-    if baseline is None and "torch" in providers:
-        baseline = "torch"
+    if baseline is None:
+        baseline = rows[0].get("baseline") or None
+    if baseline not in providers:
+        baseline = "torch" if "torch" in providers else None
     keys = _unique((r["case"], r["mode"]) for r in rows)
     index = {(r["case"], r["mode"], r["provider"]): r for r in rows}
     lines = _header(rows, ceilings, env)
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a bench/results/<name>.csv or .json file")
     p.add_argument("--all", action="store_true", help="every run in the file (default: the latest run)")
-    p.add_argument("--baseline", default=None, help="provider the speedups are relative to (default: torch)")
+    p.add_argument("--baseline", default=None, help="provider the speedups are relative to (default: the recorded one, else torch)")
     p.add_argument("--md", default=None, help="markdown output (default: <path stem>.md beside the input)")
     p.add_argument("--png", default=None, help="plot output (default: <path stem>.png beside the input)")
     p.add_argument("--no-plot", action="store_true")

@@ -291,7 +291,7 @@ def _attn_bwd_dkdv(
     elif CAUSAL == 2:
         lo = (tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0) // BLOCK_M) * BLOCK_M
     for g in range(0, group):
-        off_h = off_hk + g * num_kv_heads
+        off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
         do_base = DO + off_b * stride_db + off_h * stride_dh + q_start * stride_dm
         for start_m in range(lo, len_q, BLOCK_M):

@@ -25,6 +25,18 @@ _BLOCK = 4096  # sweep width for longer rows
 
 
 @triton.jit
+def _narrow(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype``, rounding to nearest even.  For bf16 the rounding is done by hand
+    first: a no-op on a GPU (whose cast rounds the same way), and right under
+    TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates (twice the error)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_index, eps, z_loss,
                                   WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -36,7 +48,7 @@ def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_i
         tl.store(LOSS + row, 0.0)
         if WITH_GRAD:
             for start in range(0, V, BLOCK):
-                tl.store(g_row + start + cols, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty),
+                tl.store(g_row + start + cols, tl.zeros([BLOCK], G.dtype.element_ty),
                          mask=start + cols < V)
     else:
         # NaN flags a label outside [0, V) (the device-side flag of the op's docstring).
@@ -75,14 +87,14 @@ def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_i
             p_scale = 1.0 + 2.0 * z_loss * lse
             if ONE_BLOCK:
                 g = tl.exp(x - lse) * p_scale - eps / V - tl.where(cols == y, 1.0 - eps, 0.0) + poison
-                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+                tl.store(g_row + cols, _narrow(g, G.dtype.element_ty), mask=mask)
             else:
                 for start in range(0, V, BLOCK):
                     mask = start + cols < V
                     x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
                     g = (tl.exp(x - lse) * p_scale - eps / V
                          - tl.where(start + cols == y, 1.0 - eps, 0.0) + poison)
-                    tl.store(g_row + start + cols, g.to(G.dtype.element_ty), mask=mask)
+                    tl.store(g_row + start + cols, _narrow(g, G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -92,7 +104,7 @@ def _scale_rows_kernel(G, S, OUT, stride_g, stride_o, V, BLOCK: tl.constexpr):
     mask = cols < V
     scale = tl.load(S + row)
     g = tl.load(G + row * stride_g + cols, mask=mask).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, (g * scale).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * stride_o + cols, _narrow(g * scale, OUT.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_forward(logits, labels, ignore_index: int, label_smoothing: float, z_loss: float,

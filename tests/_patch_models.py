@@ -51,6 +51,8 @@ def encoder(model_type: str, head: str = "ForMaskedLM", dropout: float = 0.0, **
     kw = _no_dropout(kw, dropout)
     if model_type == "distilbert":
         kw.update(dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout, qa_dropout=dropout)
+    if model_type == "electra":
+        kw.update(summary_last_dropout=dropout)
     config = getattr(transformers, config_name)(vocab_size=V, attn_implementation="sdpa", **kw, **extra)
     cls = getattr(transformers, ENCODER_PREFIX[model_type] + head)
     return cls(config)
@@ -104,10 +106,17 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float, what: str, fl
 
 
 def assert_same_grads(ref_model, patched_model, rel: float) -> None:
+    """Every parameter's gradient: ||g_new - g_ref|| <= rel * max(||g_ref||, floor) (L2 per tensor).
+
+    The norm (not the largest element) is the scale because embedding-table gradients are
+    sums over many tokens in a different order (unpadded), so single small entries carry
+    cancellation noise of ~1e-5 of the tensor's largest entry.  Gradients that are zero in
+    exact arithmetic (the attention key bias: softmax is shift invariant) are rounding noise
+    in both runs, so they are judged against 1% of the largest gradient norm (the floor).
+    """
     g_ref, g_new = grads(ref_model), grads(patched_model)
     assert g_ref.keys() == g_new.keys(), set(g_ref) ^ set(g_new)
-    # Some gradients are zero in exact arithmetic (the key bias: softmax is shift invariant)
-    # and only rounding noise in both runs: they are judged against 1% of the largest gradient.
-    floor = 0.01 * max(g.abs().max().item() for g in g_ref.values())
+    floor = 0.01 * max(g.norm().item() for g in g_ref.values())
     for name in g_ref:
-        assert_close_rel(g_new[name], g_ref[name], rel, f"grad {name}", floor)
+        err, scale = (g_new[name] - g_ref[name]).norm().item(), max(g_ref[name].norm().item(), floor)
+        assert err <= rel * scale, f"grad {name}: |err| {err:.3g} vs |ref| {scale:.3g} (rel {rel})"

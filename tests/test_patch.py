@@ -19,6 +19,9 @@ from _patch_models import (V, DECODER_CONFIGS, ENCODER_CONFIGS, assert_close_rel
                            mlm_labels, padded_batch, twins)
 
 REL = 1e-5
+# ALBERT runs its one shared layer 3 times, so each of its gradients sums 3 contributions
+# rounded differently (unpadded rows): 3x the bound.  float64 runs agree to 1e-12 (below).
+REL_GRAD = {"albert": 3e-5}
 LENGTHS = [11, 1, 7, 11, 4]
 
 
@@ -39,7 +42,29 @@ def test_masked_lm_training_matches(model_type):
     b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert b.logits is None  # sparse prediction in training with labels (documented)
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
-    assert_same_grads(ref, new, REL)
+    assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "albert", "llama"])
+def test_float64_is_exact(model_type):
+    """In float64 the patched model equals the unpatched one to rounding: the same maths."""
+    model = encoder(model_type) if model_type != "llama" else decoder(model_type)
+    ref, new = twins(model.train().double())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS)
+    if model_type == "llama":
+        # transformers' causal-LM loss casts logits to float32 even from float64: the float64
+        # truth is computed here from its logits instead
+        labels = ids.masked_fill(mask == 0, -100)
+        logits = ref(input_ids=ids, attention_mask=mask).logits
+        loss_a = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+        loss_a.backward()
+    else:
+        labels = mlm_labels(ids, mask)
+        loss_a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels).loss
+    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close_rel(b.loss.detach(), loss_a.detach(), 1e-12, "loss")
+    assert_same_grads(ref, new, 1e-12)
 
 
 @pytest.mark.parametrize("model_type", list(ENCODER_CONFIGS))
@@ -80,7 +105,7 @@ def test_encoder_heads_match(model_type, head):
         loss_a, loss_b = a.loss, b.loss
     loss_a.backward()
     loss_b.backward()
-    assert_same_grads(ref, new, REL)
+    assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
 
 
 def test_question_answering_loss_without_padding():
@@ -326,5 +351,8 @@ def test_convergence_30_steps():
     assert curves["ref"][-5:].mean() < curves["ref"][:5].mean()  # it did learn
     # Adam normalises updates, so ulp-level gradient differences grow a little: 1e-4.
     assert_close_rel(curves["new"], curves["ref"], 1e-4, "loss curve")
+    # Parameters whose gradient is zero in exact arithmetic (attention key biases) are moved
+    # by Adam's normalised rounding noise in both runs; weights are O(0.02-1), so every
+    # tensor is judged against a scale of at least 0.05 (init std is 0.02).
     for (name, p), q in zip(ref.named_parameters(), new.parameters()):
-        assert_close_rel(q.detach(), p.detach(), 1e-4, f"param {name}")
+        assert_close_rel(q.detach(), p.detach(), 1e-4, f"param {name}", floor=0.05)

@@ -1,49 +1,27 @@
 """fastlm.ops.varlen_attention (packed sequences) against float64 attention per sequence,
 and against the padded op on the same sequences."""
-import importlib
 import importlib.util
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastlm.ops.attention import attention, varlen_attention
 
-BACKENDS = ["reference", "cpu", "triton"]
+
+def _sibling(name: str):
+    """Load a sibling test module's helpers (pytest's importlib mode puts no test dir on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"_fastlm_tests_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def backend_skip_reason(name: str) -> str | None:
-    """Why ``name`` cannot be tested on CPU tensors in this process (None: it can)."""
-    if name == "cpu":
-        from fastlm import _ext
-
-        why = _ext.unavailable_reason()
-        if why:
-            return why
-        if not hasattr(_ext.kernels(), "attention_forward") or not torch._C._dispatch_has_kernel_for_dispatch_key(
-                "fastlm_C::attention_forward", "CPU"):
-            return "fastlm._C has no CPU attention kernel yet"
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            return "Triton on CPU tensors needs TRITON_INTERPRET=1"
-        try:
-            importlib.import_module("fastlm.kernels.attention")
-        except ModuleNotFoundError as exc:
-            if exc.name != "fastlm.kernels.attention":
-                raise
-            return "fastlm.kernels.attention does not exist yet"
-    return None
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    why = backend_skip_reason(request.param)
-    if why:
-        pytest.skip(f"{request.param}: {why}")
-    return request.param
+_padded = _sibling("test_attention")
+# Same targets (backend x device), poisoned allocations and tolerance check as the padded tests.
+target, poison, _no_tf32 = _padded.target, _padded.poison, _padded._no_tf32
+assert_close, assert_within_eager = _padded.assert_close, _padded.assert_within_eager
 
 
 def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0):
@@ -56,8 +34,13 @@ def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-    visible = {False: torch.ones(lq, lk, dtype=torch.bool), True: j <= i, "bottom_right": j <= i + lk - lq}[causal]
+    i, j = torch.arange(lq, device=q.device)[:, None], torch.arange(lk, device=q.device)[None, :]
+    if causal is True:
+        visible = j <= i
+    elif causal == "bottom_right":
+        visible = j <= i + lk - lq
+    else:
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     visible = visible.expand(s.shape)
     any_visible = visible.any(-1, keepdim=True)
     s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
@@ -67,50 +50,49 @@ def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.
     return torch.einsum("hij,jhd->ihd", p, v)
 
 
-def pack(lengths_q, lengths_k, hq, hk, d, dtype=torch.float32, requires_grad=True):
-    """Random packed q, k, v and their int32 cu_seqlens / max lengths."""
-    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(int(cu_q[-1]), hq, d, dtype=dtype, requires_grad=requires_grad)
-    k = torch.randn(int(cu_k[-1]), hk, d, dtype=dtype, requires_grad=requires_grad)
-    v = torch.randn(int(cu_k[-1]), hk, d, dtype=dtype, requires_grad=requires_grad)
+def pack(lengths_q, lengths_k, hq, hk, d, dtype=torch.float32, requires_grad=True, device="cpu"):
+    """Random packed q, k, v, their int32 cu_seqlens and max lengths."""
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
+    q = torch.randn(sum(lengths_q), hq, d, dtype=dtype, device=device, requires_grad=requires_grad)
+    k = torch.randn(sum(lengths_k), hk, d, dtype=dtype, device=device, requires_grad=requires_grad)
+    v = torch.randn(sum(lengths_k), hk, d, dtype=dtype, device=device, requires_grad=requires_grad)
     return q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k)
 
 
+def spans(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(slice(cq[n], cq[n + 1]), slice(ck[n], ck[n + 1])) for n in range(len(cq) - 1)]
+
+
 def expected_packed(q, k, v, cu_q, cu_k, causal=False, keep=None, dropout_p=0.0):
-    outs = []
-    for n in range(len(cu_q) - 1):
-        qs, qe, ks, ke = int(cu_q[n]), int(cu_q[n + 1]), int(cu_k[n]), int(cu_k[n + 1])
-        outs.append(expected_sequence(q[qs:qe], k[ks:ke], v[ks:ke], causal,
-                                      keep=None if keep is None else keep[n], dropout_p=dropout_p))
-    return torch.cat(outs)
-
-
-def assert_close(actual, expected, tol, what):
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1.0)
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+    return torch.cat([expected_sequence(q[rq], k[rk], v[rk], causal, keep=None if keep is None else keep[n],
+                                        dropout_p=dropout_p)
+                      for n, (rq, rk) in enumerate(spans(cu_q, cu_k))])
 
 
 # (lengths_q, lengths_k, heads_q, heads_kv, head_dim, causal)
 CASES = [
     ([1, 7, 13, 3], [1, 7, 13, 3], 4, 2, 16, False),
     ([1, 7, 13, 3], [1, 7, 13, 3], 2, 2, 40, True),
-    ([5, 1, 9], [8, 4, 2], 4, 1, 64, "bottom_right"),  # seq 3: 9 queries, 2 keys -> empty rows
+    ([5, 1, 9], [8, 4, 2], 4, 1, 64, "bottom_right"),  # sequence 2: 9 queries, 2 keys -> empty rows
     ([4, 6], [9, 3], 2, 1, 80, True),
     ([97, 1, 30], [97, 1, 30], 2, 2, 64, True),
+    ([130, 1, 61, 7], [130, 1, 61, 7], 4, 1, 128, True),
 ]
-TRITON_CASES = {0, 1, 2, 3}
+INTERPRETER_CASES = {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_packed_matches_float64(backend, case):
-    if backend == "triton" and case not in TRITON_CASES:
+def test_packed_matches_float64(target, case):
+    if target.interpreted and case not in INTERPRETER_CASES:
         pytest.skip("shape too slow for the Triton interpreter")
     lengths_q, lengths_k, hq, hk, d, causal = CASES[case]
-    q, k, v, cu_q, cu_k, mq, mk = pack(lengths_q, lengths_k, hq, hk, d)
-    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=backend)
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths_q, lengths_k, hq, hk, d, device=target.device)
+    target.require(q, k, causal, packed=True)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=target.backend)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = expected_packed(q, k, v, cu_q, cu_k, causal)
     assert_close(out, expected, 1e-4, "out")
@@ -121,48 +103,77 @@ def test_packed_matches_float64(backend, case):
         assert_close(g, w, 1e-4, f"d{name}")
 
 
-def test_packed_equals_padded_per_sequence(backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_low_precision_error_within_eager(target, dtype):
+    """Error vs float64 at most 2x (out) / 3x (grads) plain per-sequence PyTorch attention in ``dtype``."""
+    if target.device == "cuda":
+        lengths, hq, hk, d = [1, 77, 130, 40], 4, 2, 64
+    else:
+        lengths, hq, hk, d = ([1, 9, 16], 2, 1, 16) if target.interpreted else ([1, 40, 57], 4, 2, 64)
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, dtype=dtype, device=target.device)
+    target.require(q, k, True, packed=True)
+    dout = torch.randn_like(q)
+    truth = expected_packed(q, k, v, cu_q, cu_k, causal=True)
+    eager_parts = []
+    for rq, rk in spans(cu_q, cu_k):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[rq], k[rk].repeat_interleave(hq // hk, 1),
+                                                  v[rk].repeat_interleave(hq // hk, 1)))
+        scores = qs @ ks.transpose(-1, -2) * (1.0 / math.sqrt(d))
+        n = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        eager_parts.append((torch.softmax(scores, -1) @ vs).transpose(0, 1))
+    eager = torch.cat(eager_parts)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=target.backend)
+    assert out.dtype == dtype
+    assert_within_eager(out, eager, truth, 2, "out")
+    truth_grads = torch.autograd.grad(truth, (q, k, v), dout.double())
+    eager_grads = torch.autograd.grad(eager, (q, k, v), dout)
+    for name, got, want, ref in zip("qkv", torch.autograd.grad(out, (q, k, v), dout), truth_grads, eager_grads):
+        assert_within_eager(got, ref, want, 3, f"d{name}")
+
+
+def test_packed_equals_padded_per_sequence(target):
     """Each packed sequence gives what the padded op gives on it alone, and on a right-padded batch."""
-    lengths = [1, 7, 13, 3]
-    hq, hk, d = 4, 2, 16
-    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, requires_grad=False)
-    packed = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=backend)
+    lengths, hq, hk, d = [1, 7, 13, 3], 4, 2, 64
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, requires_grad=False, device=target.device)
+    target.require(q, k, True, packed=True)
+    packed = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=target.backend)
     b, s = len(lengths), max(lengths)
-    qp, kp, vp = (torch.zeros(b, s, t.shape[1], d) for t in (q, k, v))
-    mask = torch.zeros(b, s, dtype=torch.bool)
-    for n, length in enumerate(lengths):
-        rows = slice(int(cu_q[n]), int(cu_q[n + 1]))
-        single = attention(q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None],
-                           v[rows].transpose(0, 1)[None], causal=True, backend=backend)
+    qp, kp, vp = (torch.zeros(b, s, t.shape[1], d, device=target.device) for t in (q, k, v))
+    mask = torch.zeros(b, s, dtype=torch.bool, device=target.device)
+    for n, ((rows, _), length) in enumerate(zip(spans(cu_q, cu_k), lengths)):
+        single = attention(*(t[rows].transpose(0, 1)[None] for t in (q, k, v)), causal=True, backend=target.backend)
         assert_close(packed[rows], single[0].transpose(0, 1), 1e-5, f"sequence {n} alone")
         qp[n, :length], kp[n, :length], vp[n, :length], mask[n, :length] = q[rows], k[rows], v[rows], True
     padded = attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), key_padding_mask=mask,
-                       causal=True, backend=backend).transpose(1, 2)
+                       causal=True, backend=target.backend).transpose(1, 2)
     assert_close(packed, padded[mask], 1e-5, "right-padded batch")
 
 
-def test_empty_key_sequence_gives_zeros(backend):
-    q, k, v, cu_q, cu_k, mq, mk = pack([3, 4], [5, 0], 2, 2, 16)
-    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=backend)
+def test_empty_key_sequence_gives_zeros(target):
+    q, k, v, cu_q, cu_k, mq, mk = pack([3, 4], [5, 0], 2, 2, 64, device=target.device)
+    target.require(q, k, packed=True)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=target.backend)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
     assert (out[3:] == 0).all() and (dq[3:] == 0).all()
     assert_close(out, expected_packed(q, k, v, cu_q, cu_k), 1e-5, "out")
 
 
-def test_packed_dropout_forward_and_backward_use_one_mask(backend):
+def test_packed_dropout_forward_and_backward_use_one_mask(target):
     """Keep-mask read off a v = identity run with the same seed, then checked in fwd and bwd."""
-    lengths, hq, hk, d, p, seed = [1, 9, 16], 2, 1, 16, 0.3, 11
-    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d)
-    eye = torch.cat([torch.eye(n, d) for n in lengths])[:, None].expand(-1, hk, d)
+    lengths, hq, hk, d, p, seed = [1, 9, 16], 2, 1, 64, 0.3, 11
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, device=target.device)
+    target.require(q, k, dropout=True, packed=True)
+    eye = torch.cat([torch.eye(n, d, device=target.device) for n in lengths])[:, None].expand(-1, hk, d)
     torch.manual_seed(seed)
-    probe = varlen_attention(q.detach(), k.detach(), eye, cu_q, cu_k, mq, mk, dropout_p=p, backend=backend)
-    keep = [(probe[int(cu_q[n]):int(cu_q[n + 1]), :, :length] > 0).permute(1, 0, 2)
-            for n, length in enumerate(lengths)]
+    probe = varlen_attention(q.detach(), k.detach(), eye, cu_q, cu_k, mq, mk, dropout_p=p, backend=target.backend)
+    # out[i, j] = P_ij keep_ij / (1 - p) with every P_ij > 0
+    keep = [(probe[rows, :, :length] > 0).permute(1, 0, 2) for (rows, _), length in zip(spans(cu_q, cu_k), lengths)]
     rate = torch.cat([m.flatten() for m in keep]).double().mean().item()
     assert 0.5 < rate < 0.9, f"keep rate {rate}"
     torch.manual_seed(seed)
-    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=backend)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=target.backend)
     expected = expected_packed(q, k, v, cu_q, cu_k, keep=keep, dropout_p=p)
     assert_close(out, expected, 1e-4, "out")
     dout = torch.randn_like(out)
@@ -170,7 +181,7 @@ def test_packed_dropout_forward_and_backward_use_one_mask(backend):
                           torch.autograd.grad(expected, (q, k, v), dout)):
         assert_close(g, w, 1e-4, f"d{name}")
     torch.manual_seed(seed)
-    again = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=backend)
+    again = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=target.backend)
     assert torch.equal(out, again)
 
 

@@ -8,10 +8,10 @@
 // Rows are split over threads with at::parallel_for.  Per row, x is read once into an
 // fp32 scratch row (L1/L2 resident), which takes the max, exp/sum and normalise
 // passes; out (and probs) are written once: 1 read + 1 (2 with dropout) writes of
-// the row from memory, against ~8 passes for PyTorch's unfused chain.  The loops are
-// plain C++ that the compiler vectorises (`omp simd` reductions, a polynomial exp,
-// branch-free fp16/bf16 conversions); they are compiled twice, for AVX2+FMA+F16C
-// and for the baseline ISA, and picked at run time.
+// the row from memory, against ~8 passes for PyTorch's unfused chain.  The row loops
+// use GCC/Clang vector extensions, 8 floats wide (a polynomial exp, branch-free
+// fp16/bf16 conversions), compiled twice: for AVX2+FMA+F16C and for the baseline
+// ISA (where the compiler splits the vectors), picked at run time.
 //
 // Dropout bits come from a counter-based hash of (seed, row, column): splitmix64 of
 // a per-row key stepped by the column pair gives two 32-bit uniforms per hash; a
@@ -38,74 +38,138 @@ namespace {
 #define FASTLM_INLINE inline __attribute__((always_inline))
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int W = 8;  // lanes per vector
 
-FASTLM_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-FASTLM_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef uint8_t b8 __attribute__((vector_size(8)));
+typedef uint64_t q4 __attribute__((vector_size(32)));
+
+FASTLM_INLINE f8 splat(float v) { return f8{} + v; }
+// memcpy of `cnt` of `full` bytes: constant-size (one vector move) for whole vectors,
+// a library call only for a row's tail.
+FASTLM_INLINE void copy_part(void* dst, const void* src, int cnt, int full, int elem) {
+  if (cnt == full) std::memcpy(dst, src, size_t(full) * elem);
+  else std::memcpy(dst, src, size_t(cnt) * elem);
+}
+// Lane-wise select: m is a comparison result (all ones / all zeros per lane).
+template <class V>
+FASTLM_INLINE V sel(i8 m, V a, V b) { return (V)(((i8)a & m) | ((i8)b & ~m)); }
+FASTLM_INLINE i8 lanes_below(int cnt) { return (i8)(i8{0, 1, 2, 3, 4, 5, 6, 7} < cnt); }
 
 // ------------------------------------------------------------- element conversions
-// Branch-free so loops over them vectorise.  Storage types: float, and uint16_t bits
-// standing for at::BFloat16 / at::Half (tagged by the Bf16 / F16 structs).
+// Storage types: float, and uint16_t bits standing for at::BFloat16 / at::Half.
+// Loads of cnt < W elements leave the other lanes 0; stores write cnt elements.
 struct F32 { using storage = float; };
 struct Bf16 { using storage = uint16_t; };
 struct F16 { using storage = uint16_t; };
 
-FASTLM_INLINE float to_float(F32, float v) { return v; }
-FASTLM_INLINE float to_float(Bf16, uint16_t v) { return bits_to_float(uint32_t(v) << 16); }
-FASTLM_INLINE float to_float(F16, uint16_t h) {
+FASTLM_INLINE f8 to_f8(F32, const float* p, int cnt) {
+  f8 v{};
+  copy_part(&v, p, cnt, W, sizeof(float));
+  return v;
+}
+FASTLM_INLINE h8 load_h8(const uint16_t* p, int cnt) {
+  h8 v{};
+  copy_part(&v, p, cnt, W, sizeof(uint16_t));
+  return v;
+}
+FASTLM_INLINE f8 to_f8(Bf16, const uint16_t* p, int cnt) {
+  return (f8)(__builtin_convertvector(load_h8(p, cnt), u8) << 16);
+}
+FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
   // Shift exponent+mantissa into float position and rebias by 2^112 (127 - 15): exact
   // for normals and subnormals; inf/nan get the all-ones exponent put back.
-  const uint32_t em = uint32_t(h & 0x7fffu) << 13;
-  uint32_t bits = float_to_bits(bits_to_float(em) * 0x1.0p+112f);
-  bits |= em >= (0x7c00u << 13) ? 0x7f800000u : 0u;
-  return bits_to_float(bits | (uint32_t(h & 0x8000u) << 16));
+  const u8 h = __builtin_convertvector(load_h8(p, cnt), u8);
+  const u8 em = (h & 0x7fffu) << 13;
+  u8 bits = (u8)((f8)em * 0x1.0p+112f);
+  bits |= (u8)(em >= (0x7c00u << 13)) & 0x7f800000u;
+  return (f8)(bits | ((h & 0x8000u) << 16));
 }
 
-FASTLM_INLINE float from_float(F32, float v) { return v; }
-FASTLM_INLINE uint16_t from_float(Bf16, float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  return uint16_t(f != f ? 0x7fc0u : rounded);
+FASTLM_INLINE void store(F32, float* p, f8 v, int cnt) { copy_part(p, &v, cnt, W, sizeof(float)); }
+FASTLM_INLINE void store_h8(uint16_t* p, u8 v, int cnt) {
+  const h8 h = __builtin_convertvector(v, h8);
+  copy_part(p, &h, cnt, W, sizeof(uint16_t));
 }
-FASTLM_INLINE uint16_t from_float(F16, float f) {
+FASTLM_INLINE void store(Bf16, uint16_t* p, f8 f, int cnt) {
+  const u8 u = (u8)f;
+  const u8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  store_h8(p, sel((i8)(f != f), u8{} + 0x7fc0u, rounded), cnt);
+}
+FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
   // Round-to-nearest-even fp32 -> fp16 by letting the FPU round at the right bit
-  // position (the method of the FP16 library that c10::Half also uses).
-  const uint32_t w = float_to_bits(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xff000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = float_to_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
-  return uint16_t((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+  // position (the method of the FP16 library, which c10::Half also uses).
+  const u8 w = (u8)f;
+  const u8 shl1_w = w + w;
+  const u8 sign = w & 0x80000000u;
+  u8 bias = shl1_w & 0xff000000u;
+  bias = sel((i8)(bias < 0x71000000u), u8{} + 0x71000000u, bias);
+  f8 base = ((f8)(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  base = (f8)((bias >> 1) + 0x07800000u) + base;
+  const u8 bits = (u8)base;
+  const u8 nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  store_h8(p, (sign >> 16) | sel((i8)(shl1_w > 0xff000000u), u8{} + 0x7e00u, nonsign), cnt);
 }
 
 // exp(x) for x <= 0 (softmax arguments are z - max): exp(x) = 2^k * exp(r) with
-// r = x - k ln2, |r| <= ln2/2, Cephes' degree-6 polynomial (~1e-7 relative error).
-// x < -87.33 (result below the smallest normal float) gives exactly 0, so -inf -> 0;
+// r = x - k ln2, |r| <= ln2/2, Cephes' degree-6 polynomial (< 1e-7 relative error).
+// x < -87.3 (result near the smallest normal float) gives exactly 0, so -inf -> 0;
 // NaN stays NaN.
-FASTLM_INLINE float exp_nonpos(float x) {
-  float xc = x > 0.f ? 0.f : x;
-  xc = xc < -87.3f ? -87.3f : xc;
-  const float k = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  float r = xc - k * 0.693359375f;
+FASTLM_INLINE f8 exp_nonpos(f8 x) {
+  f8 xc = sel((i8)(x > 0.f), f8{}, x);
+  xc = sel((i8)(xc < -87.3f), splat(-87.3f), xc);
+  const f8 k = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  f8 r = xc - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  f8 p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const float two_k = bits_to_float(uint32_t(int32_t(k) + 127) << 23);
-  return x < -87.3f ? 0.f : p * two_k;
+  const f8 two_k = (f8)((__builtin_convertvector(k, i8) + 127) << 23);
+  return sel((i8)(x < -87.3f), f8{}, p * two_k);
 }
+
+FASTLM_INLINE float hmax(f8 v) {
+  float m = v[0];
+  for (int k = 1; k < W; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// Sums of thousands of terms accumulate in double (a float sum would be off by
+// ~1e-6 relative, several times PyTorch's error): float partials per lane over at
+// most 16 vectors, flushed into double lanes.
+struct DoubleSum {
+  double acc[W] = {};
+  f8 part{};
+  int pending = 0;
+  FASTLM_INLINE void add(f8 v) {
+    part += v;
+    if (++pending == 16) flush();
+  }
+  FASTLM_INLINE void flush() {
+    for (int k = 0; k < W; ++k) acc[k] += part[k];
+    part = f8{};
+    pending = 0;
+  }
+  FASTLM_INLINE double total() {
+    flush();
+    double t = 0.0;
+    for (int k = 0; k < W; ++k) t += acc[k];
+    return t;
+  }
+};
 
 // ------------------------------------------------------------------------- dropout
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
-FASTLM_INLINE uint64_t mix64(uint64_t z) {
+template <class U>
+FASTLM_INLINE U mix64(U z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
@@ -128,15 +192,16 @@ struct Dropout {
     keep_scale = float(1.0 / (1.0 - p));
   }
 
-  // Row `row`'s multipliers (0 or 1/(1-p)) for columns [0, n) into mult (n rounded up to even).
+  // Row `row`'s multipliers (0 or 1/(1-p)) for columns [0, n) into mult (padded to W).
+  // Column 2j takes the low and 2j+1 the high half of mix64(key + j * golden); on a
+  // little-endian machine a vector of 4 hashes read as 8 uint32 is columns 2j..2j+7.
   FASTLM_INLINE void row_multipliers(int64_t row, int64_t n, float* mult) const {
     const uint64_t key = mix64(seed + uint64_t(row) * kGolden);
-    const int64_t pairs = (n + 1) / 2;
-#pragma omp simd
-    for (int64_t j = 0; j < pairs; ++j) {
-      const uint64_t h = mix64(key + uint64_t(j) * kGolden);
-      mult[2 * j] = uint32_t(h) >= threshold ? keep_scale : 0.f;
-      mult[2 * j + 1] = uint32_t(h >> 32) >= threshold ? keep_scale : 0.f;
+    for (int64_t c = 0; c < n; c += W) {
+      const q4 j = q4{0, 1, 2, 3} + uint64_t(c / 2);
+      const u8 r = (u8)mix64(key + j * kGolden);
+      const f8 m = sel((i8)(r >= threshold), splat(keep_scale), f8{});
+      std::memcpy(mult + c, &m, sizeof(m));
     }
   }
 };
@@ -161,22 +226,37 @@ FASTLM_INLINE void load_mask_row(const MaskView& m, int64_t base, int64_t n, flo
   const int64_t s = m.s3;
   if (m.is_bool) {
     const bool* p = static_cast<const bool*>(m.data) + base;
-    if (s == 1) {
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) madd[c] = p[c] ? 0.f : kNegInf;
-    } else {
+    if (s != 1) {
       for (int64_t c = 0; c < n; ++c) madd[c] = p[c * s] ? 0.f : kNegInf;
+      return;
+    }
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      b8 b{};
+      copy_part(&b, p + c, cnt, W, 1);
+      const f8 v = sel((i8)(__builtin_convertvector(b, i8) != 0), f8{}, splat(kNegInf));
+      std::memcpy(madd + c, &v, sizeof(v));
     }
   } else {
-    const auto* p = static_cast<const typename Tag::storage*>(m.data) + base;
-    if (s == 1) {
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) madd[c] = to_float(Tag{}, p[c]);
-    } else {
-      for (int64_t c = 0; c < n; ++c) madd[c] = to_float(Tag{}, p[c * s]);
+    using S = typename Tag::storage;
+    const S* p = static_cast<const S*>(m.data) + base;
+    if (s != 1) {
+      for (int64_t c = 0; c < n; ++c) madd[c] = to_f8(Tag{}, p + c * s, 1)[0];
+      return;
+    }
+    for (int64_t c = 0; c < n; c += W) {
+      const f8 v = to_f8(Tag{}, p + c, int(std::min<int64_t>(W, n - c)));
+      std::memcpy(madd + c, &v, sizeof(v));
     }
   }
 }
+
+FASTLM_INLINE f8 load_f8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FASTLM_INLINE void store_f8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // --------------------------------------------------------------------- row kernels
 template <class Tag>
@@ -193,13 +273,15 @@ struct ForwardArgs {
 template <class Tag>
 FASTLM_INLINE void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
-  // Scratch: z / exp row, additive mask row, dropout multipliers (all fp32).
-  std::vector<float> scratch(3 * (n + 2), 0.f);
+  const int64_t padded = (n + W - 1) / W * W;
+  // Scratch rows (fp32, padded to whole vectors): z then exp(z - max), the additive
+  // mask (0 without one), the dropout multipliers.
+  std::vector<float> scratch(3 * padded, 0.f);
   float* z = scratch.data();
-  float* madd = z + n + 2;
-  float* mult = madd + n + 2;
-  std::fill(mult, mult + n + 2, 1.f);
+  float* madd = z + padded;
+  float* mult = madd + padded;
   int64_t mask_base = -1;  // mask rows repeat across heads / queries: reload only on change
+  const f8 scale = splat(a.scale);
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = a.x + r * n;
     auto* outr = a.out + r * n;
@@ -208,41 +290,42 @@ FASTLM_INLINE void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_
       if (b != mask_base) load_mask_row<Tag>(a.mask, b, n, madd);
       mask_base = b;
     }
-    const float scale = a.scale;
-    float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < n; ++c) {
-      const float v = to_float(Tag{}, xr[c]) * scale + madd[c];
-      z[c] = v;
-      mx = v > mx ? v : mx;
+    // Pass 1 (reads x): z = x * scale + mask, running max; padding lanes are -inf.
+    f8 mx = splat(kNegInf);
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      f8 v = to_f8(Tag{}, xr + c, cnt) * scale + load_f8(madd + c);
+      if (cnt < W) v = sel(lanes_below(cnt), v, splat(kNegInf));
+      store_f8(z + c, v);
+      mx = sel((i8)(v > mx), v, mx);
     }
-    if (mx == kNegInf) {  // fully masked (or all -inf) row: zeros, documented exception
+    const float row_max = hmax(mx);
+    if (row_max == kNegInf) {  // fully masked (or all -inf) row: zeros, documented exception
       std::memset(static_cast<void*>(outr), 0, n * sizeof(*outr));
       if (a.probs) std::memset(static_cast<void*>(a.probs + r * n), 0, n * sizeof(*outr));
       continue;
     }
-    // Sums accumulate in double: a float sum of thousands of terms (8 lanes) would
-    // be off by ~1e-6 relative, several times PyTorch's error; the cost is small.
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < n; ++c) {
-      const float e = exp_nonpos(z[c] - mx);
-      z[c] = e;
-      sum += e;
+    // Pass 2 (scratch only): exp and sum.
+    DoubleSum sum;
+    const f8 m8 = splat(row_max);
+    for (int64_t c = 0; c < padded; c += W) {
+      const f8 e = exp_nonpos(load_f8(z + c) - m8);
+      store_f8(z + c, e);
+      sum.add(e);
     }
-    const float inv = float(1.0 / sum);  // sum >= 1: the max contributes exp(0)
+    const f8 inv = splat(float(1.0 / sum.total()));  // sum >= 1: the max contributes exp(0)
+    // Pass 3 (writes out, and probs with dropout).
     if (a.drop.on) {
       auto* pr = a.probs + r * n;
       a.drop.row_multipliers(r, n, mult);
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) {
-        const float y = z[c] * inv;
-        pr[c] = from_float(Tag{}, y);
-        outr[c] = from_float(Tag{}, y * mult[c]);
+      for (int64_t c = 0; c < n; c += W) {
+        const int cnt = int(std::min<int64_t>(W, n - c));
+        const f8 y = load_f8(z + c) * inv;
+        store(Tag{}, pr + c, y, cnt);
+        store(Tag{}, outr + c, y * load_f8(mult + c), cnt);
       }
     } else {
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) outr[c] = from_float(Tag{}, z[c] * inv);
+      for (int64_t c = 0; c < n; c += W) store(Tag{}, outr + c, load_f8(z + c) * inv, int(std::min<int64_t>(W, n - c)));
     }
   }
 }
@@ -260,25 +343,30 @@ struct BackwardArgs {
 template <class Tag>
 FASTLM_INLINE void backward_rows(const BackwardArgs<Tag>& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
-  std::vector<float> scratch(2 * (n + 2), 1.f);
+  const int64_t padded = (n + W - 1) / W * W;
+  std::vector<float> scratch(2 * padded, 1.f);
   float* g = scratch.data();
-  float* mult = g + n + 2;  // stays 1 without dropout
+  float* mult = g + padded;  // stays 1 without dropout
+  const f8 scale = splat(a.scale);
   for (int64_t r = begin; r < end; ++r) {
     const auto* gr = a.grad + r * n;
     const auto* yr = a.y + r * n;
     auto* dxr = a.dx + r * n;
     if (a.drop.on) a.drop.row_multipliers(r, n, mult);
-    double dot = 0.0;  // double: see the forward's sum
-#pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < n; ++c) {
-      const float gv = to_float(Tag{}, gr[c]) * mult[c];
-      g[c] = gv;
-      dot += double(gv * to_float(Tag{}, yr[c]));
+    // Pass 1: g = grad * keep / (1 - p) into scratch, dot = sum(g * y) (loads past n are 0).
+    DoubleSum dot;
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      const f8 gv = to_f8(Tag{}, gr + c, cnt) * load_f8(mult + c);
+      store_f8(g + c, gv);
+      dot.add(gv * to_f8(Tag{}, yr + c, cnt));
     }
-    const float scale = a.scale;
-    const float dotf = float(dot);
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) dxr[c] = from_float(Tag{}, scale * to_float(Tag{}, yr[c]) * (g[c] - dotf));
+    // Pass 2: dx = scale * y * (g - dot)  (y re-read from cache).
+    const f8 d8 = splat(float(dot.total()));
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      store(Tag{}, dxr + c, scale * to_f8(Tag{}, yr + c, cnt) * (load_f8(g + c) - d8), cnt);
+    }
   }
 }
 

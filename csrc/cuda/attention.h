@@ -42,7 +42,8 @@ inline uint32_t fastlm_attn_dropout_threshold(double p) {
 }
 
 // ------------------------------------------------------------------ CUDA launchers
-#if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA)
+// Seen by attention.cu and attention_ops.cpp only (the CPU kernel needs no CUDA headers).
+#if defined(__CUDACC__) || defined(FASTLM_ATTENTION_LAUNCHERS)
 #include <cuda_runtime.h>
 
 // Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand lives at

@@ -188,8 +188,9 @@ def _run(args, output: _OutputDir) -> Outcome:
     started = time.perf_counter()
     demo = args.data is None
     compare = demo if args.compare is None else args.compare
+    source = model.checkpoint(args.model, args.task) if args.model else None
     corpus = data.load_corpus(args.task, args.data, args.text_column, args.label_column)
-    source = model.resolve(args.model, args.task, corpus.texts, args.tiny_random_model)
+    source = source or model.default(args.task, corpus.texts, args.tiny_random_model)
     if args.task == "mlm":
         examples = data.mlm_examples(corpus.texts, source.tokenizer, args.max_length)
     else:

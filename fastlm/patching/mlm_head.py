@@ -48,7 +48,8 @@ def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Te
         bias = bias.to(hidden.dtype) if bias is not None else None
     loss = linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
                                     reduction=reduction, backend=backend)
-    return loss.float()  # transformers' losses are fp32 (it upcasts the logits)
+    # transformers upcasts low-precision logits, so its losses are fp32 (or fp64)
+    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
 def output_like(output_cls, loss, base_outputs):

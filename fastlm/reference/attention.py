@@ -32,7 +32,6 @@ on a GPU: this is the fallback, not a fast path).  The backward recomputes the s
 from q and k in the compute precision rather than trusting the float32 ``lse``, so it
 stays exact for float64 gradcheck.
 """
-from __future__ import annotations
 
 import torch
 

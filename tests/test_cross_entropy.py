@@ -1,0 +1,271 @@
+"""fastlm.ops.cross_entropy against a float64 cross-entropy written here, per backend.
+
+CPU: reference, cpu (C++, skipped without fastlm._C) and triton (TRITON_INTERPRET=1).
+GPU (marked ``gpu``): triton and cuda on CUDA tensors.
+"""
+import pytest
+import torch
+
+from fastlm.ops.cross_entropy import cross_entropy
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- the truth
+def ce64(logits, labels, *, ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    """Cross-entropy in float64 from its definition (class dim last); differentiable."""
+    x = logits.double().reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    v = x.shape[1]
+    labelled = y != ignore_index
+    lse = torch.log(torch.exp(x - x.max(1, keepdim=True).values).sum(1)) + x.max(1).values
+    picked = x[torch.arange(len(y)), torch.where(labelled, y, 0)]
+    rows = (1 - label_smoothing) * (lse - picked)
+    if label_smoothing:
+        rows = rows + label_smoothing * (lse - x.sum(1) / v)
+    if z_loss:
+        rows = rows + z_loss * lse**2
+    rows = torch.where(labelled, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / labelled.sum().clamp(min=1)
+
+
+def loss_and_grad(fn, logits, grad_seed=None):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    g = torch.randn(loss.shape, dtype=torch.float64, generator=grad_seed) if grad_seed is not None else torch.ones_like(loss, dtype=torch.float64)
+    loss.backward(g.to(device=loss.device, dtype=loss.dtype))
+    return loss.detach(), x.grad
+
+
+@pytest.fixture(params=["reference", "cpu", "triton"])
+def backend(request):
+    if request.param == "cpu":
+        ops = request.getfixturevalue("cpu_ext")
+        if not hasattr(ops, "cross_entropy_forward"):
+            pytest.skip("fastlm._C was built without the cross_entropy kernels")
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    return request.param
+
+
+def _labels(n, v, ignored=0.3, generator=None):
+    y = torch.randint(0, v, (n,))
+    y[torch.rand(n) < ignored] = IGNORE
+    return y
+
+
+# ------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("n,v", [(1, 1), (7, 97), (5, 1025)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 0.0), (0.2, 1e-2)])
+def test_matches_float64(backend, n, v, reduction, label_smoothing, z_loss):
+    logits = torch.randn(n, v) * 3
+    labels = _labels(n, v)
+    labels[0] = v - 1  # at least one labelled row, and the last class
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    gen = torch.Generator().manual_seed(n * v)
+    got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, backend=backend, **kw), logits, gen)
+    gen = torch.Generator().manual_seed(n * v)
+    want, want_grad = loss_and_grad(lambda x: ce64(x, labels, **kw), logits.double(), gen)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(got_grad[labels == IGNORE] == 0)
+
+
+def test_matches_torch_semantics(backend):
+    """Label smoothing together with ignored labels, exactly as F.cross_entropy."""
+    logits = torch.randn(9, 31)
+    labels = _labels(9, 31, ignored=0.5)
+    labels[1] = 4
+    for reduction in ("mean", "sum", "none"):
+        want = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.3, reduction=reduction)
+        got = cross_entropy(logits, labels, label_smoothing=0.3, reduction=reduction, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_neg_inf_logits_and_leading_dims(backend):
+    logits = torch.randn(2, 3, 40)
+    logits[0, 0, :30] = -float("inf")  # masked-out classes
+    labels = torch.randint(30, 40, (2, 3))
+    labels[1, 2] = IGNORE
+    got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, reduction="none", backend=backend), logits)
+    want, want_grad = loss_and_grad(lambda x: ce64(x, labels, reduction="none"), logits.double())
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(got_grad[0, 0, :30] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_labels_ignored(backend, reduction):
+    logits = torch.randn(6, 17)
+    labels = torch.full((6,), IGNORE)
+    got, grad = loss_and_grad(lambda x: cross_entropy(x, labels, reduction=reduction, label_smoothing=0.1,
+                                                      backend=backend), logits)
+    assert torch.all(got == 0) and not torch.isnan(got).any()
+    assert torch.all(grad == 0)
+
+
+def test_custom_ignore_index(backend):
+    logits = torch.randn(5, 11)
+    labels = torch.tensor([3, 7, 7, 0, 10])
+    got = cross_entropy(logits, labels, ignore_index=7, backend=backend)
+    torch.testing.assert_close(got.double(), ce64(logits, labels, ignore_index=7), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_2x_torch(backend, dtype):
+    """fp32 accumulation: error vs float64 at most ~2x plain PyTorch's in the same dtype."""
+    logits = (torch.randn(64, 1000) * 4).to(dtype)
+    labels = _labels(64, 1000)
+    want, want_grad = loss_and_grad(lambda x: ce64(x, labels, reduction="none"), logits.double())
+    got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, reduction="none", backend=backend), logits)
+    ref, ref_grad = loss_and_grad(
+        lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="none"), logits)
+    assert got.dtype == dtype and got_grad.dtype == dtype
+    err = lambda a, b: (a.double() - b).abs().max().item()
+    assert err(got, want) <= 2 * err(ref, want) + 1e-6
+    assert err(got_grad, want_grad) <= 2 * err(ref_grad, want_grad) + 1e-6
+
+
+def test_vocab_262144(backend):
+    """A 262,144-word vocabulary: several sweeps per row in every kernel."""
+    v = 262144
+    logits = torch.randn(3, v) * 2
+    logits[1, 5] = 30.0  # one dominant class
+    labels = torch.tensor([v - 1, 5, IGNORE])
+    got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, label_smoothing=0.1, backend=backend), logits)
+    want, want_grad = loss_and_grad(lambda x: ce64(x, labels, label_smoothing=0.1), logits.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_no_grad_forward(backend):
+    logits = torch.randn(4, 50)
+    labels = torch.tensor([1, IGNORE, 49, 0])
+    with torch.no_grad():
+        got = cross_entropy(logits.requires_grad_(), labels, backend=backend)
+    torch.testing.assert_close(got.double(), ce64(logits, labels), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- out-of-range
+@pytest.mark.parametrize("bad", [-1, 13, 10**6])
+def test_out_of_range_label_raises_on_cpu(backend, bad):
+    logits = torch.randn(3, 13)
+    labels = torch.tensor([0, bad, IGNORE])
+    with pytest.raises(ValueError, match=r"labels\[1\]"):
+        cross_entropy(logits, labels, backend=backend)
+
+
+@pytest.mark.parametrize("module", ["fastlm.reference.cross_entropy", "fastlm.kernels.cross_entropy"])
+def test_kernel_flags_out_of_range_label_with_nan(module):
+    """The device-side flag used on GPUs: the kernel marks a bad row's loss and gradient NaN."""
+    if "kernels" in module:
+        pytest.importorskip("triton")
+    import importlib
+
+    kern = importlib.import_module(module)
+    logits = torch.randn(3, 13)
+    loss, grad = kern.cross_entropy_forward(logits, torch.tensor([2, 13, IGNORE]), IGNORE, 0.0, 0.0, True)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+# ------------------------------------------------------------------------- autograd/compile
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_reference(reduction):
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, IGNORE, 5, 0])
+    fn = lambda x: cross_entropy(x, labels, reduction=reduction, label_smoothing=0.1, z_loss=0.05,
+                                 backend="reference")
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_opcheck(backend):
+    logits = torch.randn(5, 19, requires_grad=True)
+    labels = torch.tensor([1, IGNORE, 18, 0, 3])
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(torch.ops.fastlm.cross_entropy.default,
+                              (logits, labels, IGNORE, 0.1, 0.0, reduction, True, backend))
+    grad_rows = torch.randn(5, 19)
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default,
+                          (torch.tensor(2.0), grad_rows, labels, IGNORE, "mean", backend))
+
+
+def test_torch_compile_fullgraph(backend):
+    logits = torch.randn(2, 3, 23, requires_grad=True)
+    labels = torch.tensor([[1, IGNORE, 22], [0, 5, 7]])
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return cross_entropy(x * 2, labels, label_smoothing=0.1, backend=backend)
+
+    got, grad = loss_and_grad(step, logits)
+    want, want_grad = loss_and_grad(lambda x: ce64(x * 2, labels, label_smoothing=0.1), logits.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "int64"),
+    (dict(labels=torch.zeros(4)), TypeError, "int64"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "shape"),
+    (dict(logits=torch.zeros(4, 7, dtype=torch.int64)), TypeError, "logits"),
+    (dict(logits=torch.zeros(4, 0)), ValueError, "class"),
+    (dict(logits="x"), TypeError, "logits"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(label_smoothing="0.1"), TypeError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(logits=torch.randn(4, 7), labels=torch.tensor([0, 1, 2, IGNORE]))
+    args.update(kwargs)
+    logits, labels = args.pop("logits"), args.pop("labels")
+    with pytest.raises(exc, match=match):
+        cross_entropy(logits, labels, **args)
+
+
+def test_float64_refused_by_fast_backends():
+    from fastlm.registry import BackendError
+
+    with pytest.raises(BackendError, match="float64"):
+        cross_entropy(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]), backend="triton")
+
+
+# ----------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [97, 30522, 262144])
+def test_gpu_matches_float64(gpu_backend, dtype, v):
+    if gpu_backend == "cuda":
+        from fastlm import _ext
+
+        if not _ext.with_cuda():
+            pytest.skip("fastlm._C built without CUDA kernels")
+    n = 64 if v < 100000 else 4
+    logits = (torch.randn(n, v) * 3).to(dtype)
+    labels = _labels(n, v)
+    labels[0] = v - 1
+    for reduction in ("mean", "none"):
+        kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+        gen = torch.Generator().manual_seed(v)
+        want, want_grad = loss_and_grad(lambda x: ce64(x, labels, **kw), logits.double(), gen)
+        gen = torch.Generator().manual_seed(v)
+        got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels.cuda(), backend=gpu_backend, **kw),
+                                      logits.cuda(), gen)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=tol, atol=tol * 1e-2)
+    bad = labels.clone().cuda()
+    bad[0] = v  # out of range: NaN flag, no exception, no sync
+    assert torch.isnan(cross_entropy(logits.cuda(), bad, backend=gpu_backend)).item()
