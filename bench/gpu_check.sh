@@ -6,7 +6,8 @@
 #   FASTLM_GIT_COMMIT=<sha> bash bench/gpu_check.sh  # the copy there may have no .git
 #   GPU_CHECK_DRY_RUN=1 PYTHON=/work/venv/bin/python bash bench/gpu_check.sh   # same stages, CPU, tiny
 #
-# Stages, each under `timeout` with its own budget and all inside GPU_CHECK_TOTAL_S (480 s):
+# Stages, each under `timeout` with its own budget (GPU_CHECK_<STAGE>_S overrides it), all
+# inside GPU_CHECK_TOTAL_S (480 s; a stage is cut to what is left, or not run):
 #   nvidia-smi, build (setup.py build_ext --inplace, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16,
 #   FASTLM_FORCE_CUDA_BUILD=1), fastlm info, tests (pytest tests with TRITON_INTERPRET=0,
 #   GPU tests included, a per-test timeout, the gpu_verification plugin recording which
@@ -29,7 +30,6 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-TOTAL=${GPU_CHECK_TOTAL_S:-480}
 LOGDIR=${GPU_CHECK_LOGDIR:-${TMPDIR:-/tmp}/fastlm_gpu_check_$STAMP}
 mkdir -p "$LOGDIR"
 touch "$LOGDIR/start"
@@ -39,6 +39,9 @@ if [ "$DRY" = 1 ]; then
   RESULTS=${GPU_CHECK_RESULTS:-$LOGDIR/results}
   SIZE_FLAG=--quick
   TIMING="--rep-ms 20 --warmup-ms 5"
+  # A shared 2-core machine: the build may wait for the build lock, everything runs slower.
+  TOTAL=${GPU_CHECK_TOTAL_S:-1200} BUILD_S=${GPU_CHECK_BUILD_S:-600} BENCH_S=${GPU_CHECK_ATTENTION_S:-200}
+  OP_S=${GPU_CHECK_OP_BENCH_S:-150} FT_S=${GPU_CHECK_FINETUNE_S:-200}
   export TRITON_INTERPRET=${GPU_CHECK_TRITON_INTERPRET:-1}
   TESTS=${GPU_CHECK_TESTS:-tests/test_registry.py tests/test_bench_harness.py}
   WORKERS=${GPU_CHECK_PYTEST_WORKERS:-0}
@@ -47,6 +50,8 @@ else
   RESULTS=${GPU_CHECK_RESULTS:-$ROOT/bench/results}
   SIZE_FLAG=--gpu-check
   TIMING=
+  TOTAL=${GPU_CHECK_TOTAL_S:-480} BUILD_S=${GPU_CHECK_BUILD_S:-180} BENCH_S=${GPU_CHECK_ATTENTION_S:-70}
+  OP_S=${GPU_CHECK_OP_BENCH_S:-25} FT_S=${GPU_CHECK_FINETUNE_S:-40}
   export TRITON_INTERPRET=0
   TESTS=${GPU_CHECK_TESTS:-tests}
   WORKERS=${GPU_CHECK_PYTEST_WORKERS:-4}
@@ -111,7 +116,7 @@ DEVICE=$(cat "$LOGDIR/device.txt" 2>/dev/null)
 # The source tree serves as the package: fastlm.kernels is a link to kernels/ (git ignores it).
 [ -e fastlm/kernels ] || ln -s ../kernels fastlm/kernels
 if command -v flock >/dev/null 2>&1; then LOCK=(flock /tmp/fastlm-build.lock); else LOCK=(); fi
-stage build "${GPU_CHECK_BUILD_S:-180}" ${LOCK[@]+"${LOCK[@]}"} env $BUILD_ENV "$PY" setup.py build_ext --inplace
+stage build "$BUILD_S" ${LOCK[@]+"${LOCK[@]}"} env $BUILD_ENV "$PY" setup.py build_ext --inplace
 
 stage info 30 "$PY" -m fastlm info
 
@@ -127,17 +132,17 @@ case $TESTS_STATUS in ok|"FAILED (exit 1)") ;; *) INCOMPLETE=(--incomplete) ;; e
 stage verification 30 "$PY" bench/gpu_verification.py "$GPU_VERIFICATION_RECORDS" \
   --out "$RESULTS/gpu_verification.json" --md "$LOGDIR/verification.md" --device "${DEVICE:-unknown}" ${INCOMPLETE[@]+"${INCOMPLETE[@]}"}
 
-stage bench_attention "${GPU_CHECK_ATTENTION_S:-70}" "$PY" bench/bench_attention.py $SIZE_FLAG $TIMING
+stage bench_attention "$BENCH_S" "$PY" bench/bench_attention.py $SIZE_FLAG $TIMING
 for op in softmax cross_entropy; do
   if [ -f "bench/bench_$op.py" ]; then
-    stage "bench_$op" "${GPU_CHECK_OP_BENCH_S:-25}" "$PY" "bench/bench_$op.py" $SIZE_FLAG $TIMING
+    stage "bench_$op" "$OP_S" "$PY" "bench/bench_$op.py" $SIZE_FLAG $TIMING
   else
     printf '%s\tmissing (bench/bench_%s.py not in the tree)\t0\n' "bench_$op" "$op" >>"$LOGDIR/stages.tsv"
   fi
 done
 for f in bench/bench_finetune*.py; do
   [ -f "$f" ] || continue
-  stage "$(basename "$f" .py)" "${GPU_CHECK_FINETUNE_S:-40}" "$PY" "$f" $SIZE_FLAG
+  stage "$(basename "$f" .py)" "$FT_S" "$PY" "$f" $SIZE_FLAG
 done
 
 # ------------------------------------------------------------------------------- report

@@ -3,8 +3,10 @@
 Two halves, both used by ``bench/gpu_check.sh``:
 
 * a pytest plugin (``pytest -p gpu_verification``, with ``bench/`` on ``PYTHONPATH``):
-  it wraps :meth:`fastlm.registry.Implementation.function`, so every kernel a test
-  actually *calls* is noted as (op, backend, device of its first tensor argument), and
+  before collection it wraps every registered op's kernel functions (``<op>_<stage>`` in
+  the reference and Triton modules, and the ``torch.ops.fastlm_C`` namespace handed out
+  by ``fastlm._ext.kernels()``), so every kernel a test actually *calls*, through the op
+  or directly, is noted as (op, backend, device of its first tensor argument), and
   appends one JSON line per finished test to ``$GPU_VERIFICATION_RECORDS``:
   ``{"nodeid", "file", "outcome", "duration", "kernels": [[op, backend, device], ...]}``.
   Lines are written as tests finish, so a run killed by its time limit keeps what ran;
@@ -17,9 +19,9 @@ Two halves, both used by ``bench/gpu_check.sh``:
   listed as "not exercised".  Each entry carries the counts, up to five failing test
   ids, the date and the device.  Also prints a markdown table.
 
-Only kernels reached through the registry are seen: a test that imports a Triton kernel
-function directly is counted in its file's pass/fail totals (``groups``) but not per
-backend.  A failing test that called several kernels counts against all of them.
+A kernel reached some other way (``torch.ops.fastlm_C`` spelled out instead of through
+``fastlm._ext.kernels()``) counts only in its file's pass/fail totals (``groups``).  A
+failing test that called several kernels counts against all of them.
 """
 from __future__ import annotations
 
@@ -45,25 +47,66 @@ def _device_of(args, kwargs) -> str:
     return "?"
 
 
+class _Recorded:
+    """Stands in for one kernel: notes (op, backend, device) when called, else delegates."""
+
+    def __init__(self, fn, op: str, backend: str | None):
+        self._fn, self._op, self._backend = fn, op, backend
+
+    def __call__(self, *args, **kwargs):
+        device = _device_of(args, kwargs)
+        # fastlm_C holds both the C++ CPU and the CUDA kernels: the device says which ran.
+        backend = self._backend or ("cuda" if device == "cuda" else "cpu")
+        _current.add((self._op, backend, device))
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+class _RecordingNamespace:
+    """Stands in for ``torch.ops.fastlm_C`` as returned by ``fastlm._ext.kernels()``."""
+
+    def __init__(self, namespace, ops):
+        self._ns, self._ops = namespace, sorted(ops, key=len, reverse=True)
+
+    def __getattr__(self, name):
+        kernel = getattr(self._ns, name)  # AttributeError for a missing kernel, as before
+        op = next((o for o in self._ops if name.startswith(o + "_")), None)
+        return kernel if op is None else _Recorded(kernel, op, None)
+
+
 def pytest_configure(config):
+    """Wrap every kernel before test modules import them (``from ... import attention_forward``)."""
+    import importlib
+    import inspect
+
     try:
-        from fastlm import registry
+        import fastlm.ops
+        from fastlm import _ext, registry
+
+        # Resolve the public functions first, through fastlm.ops' lazy __getattr__: importing
+        # an op module by name afterwards (registry.ops()) then cannot leave the submodule,
+        # e.g. fastlm.ops.softmax the module, where the function should be.
+        for name in getattr(fastlm.ops, "__all__", ()):
+            getattr(fastlm.ops, name)
+        ops = registry.ops()
     except Exception as exc:  # the records then show no kernels; the tests themselves will fail
-        print(f"gpu_verification: fastlm.registry not importable ({exc}); no kernel evidence", file=sys.stderr)
+        print(f"gpu_verification: fastlm not importable ({exc}); no kernel evidence", file=sys.stderr)
         return
-
-    original = registry.Implementation.function
-
-    def function(self, stage):
-        kernel = original(self, stage)
-
-        def recorded(*args, **kwargs):
-            _current.add((self.op, self.backend, _device_of(args, kwargs)))
-            return kernel(*args, **kwargs)
-
-        return recorded
-
-    registry.Implementation.function = function
+    for op in ops:
+        for backend, impl in registry.table(op).items():
+            if impl.module == "fastlm_C":
+                continue
+            try:
+                module = importlib.import_module(impl.module)
+            except Exception:  # e.g. no triton here: its tests will say so
+                continue
+            for name, fn in list(vars(module).items()):
+                if name.startswith(op + "_") and inspect.isfunction(fn):
+                    setattr(module, name, _Recorded(fn, op, backend))
+    kernels = _ext.kernels
+    _ext.kernels = lambda: _RecordingNamespace(kernels(), ops)
 
 
 def _tryfirst(fn):

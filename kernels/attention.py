@@ -20,15 +20,18 @@ row that sees no key gets ``out = 0``, ``lse = -inf`` and zero gradients.
 Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hk)``.
 
 Dropout acts on the normalised probabilities (kept ones scaled by ``1 / (1 - p)``).  Its
-bits come from Philox, ``tl.rand(seed, offset)``, with ``offset`` the linear index of
-the (query row, key) pair in an ``(rows of lse) x (keys of the layout)`` space: a pure
-function of (batch or sequence, head, query, key), so the backward kernels regenerate
-the forward's mask exactly, whatever their block sizes.
+bits come from Philox-4x32 keyed by the 64-bit seed, with counters (key index in the
+layout, row index of lse): a pure function of (batch or sequence, head, query, key),
+so the backward kernels regenerate the forward's mask exactly, whatever their block
+sizes.
 
 Numerics: scores, the running max/sum and the accumulator are fp32; ``log2(e)`` is
 folded into the scale so the softmax runs on ``exp2``; P is rounded to the input dtype
 before the P @ V product (as every flash kernel does).  fp32 inputs use IEEE fp32 dot
 products (no TF32), so fp32 matches an fp32 reference to ~1e-6.
+
+Status: tested under ``TRITON_INTERPRET=1`` (tests/test_attention_triton.py) and compiled
+ahead of time for sm_80 / sm_90; never run on a GPU ("compiled, unverified").
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ import triton.language as tl
 from fastlm.registry import triton_interpreted
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ------------------------------------------------------------------------- autotuning
@@ -57,24 +61,47 @@ def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int])
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators / operand buffers cannot fit at large head dims."""
-    d = kwargs["BLOCK_D"]
-    fits = [c for c in configs if c.kwargs["BLOCK_M"] * d <= 128 * 128 and c.kwargs["BLOCK_N"] * d <= 128 * 128]
-    return fits or configs[-1:]
+def _pruner(acc_rows: str, max_acc_regs: int) -> dict:
+    """Config pruning for one kernel, by head dim and dtype: operand tiles of at most
+    32 KiB (128 x 128 fp16) so the K/V pipeline fits in shared memory, and at most
+    ``max_acc_regs`` fp32 registers per thread for each ``acc_rows x BLOCK_D``
+    accumulator.  The limits come from ptxas register / spill reports of sm_90 builds
+    (64 for the forward, whose only other resident tile is Q; 32 for the backward
+    kernels, which keep two more input tiles resident).  If nothing fits, the config
+    with the fewest accumulator registers is kept."""
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs["BLOCK_D"]
+        row_bytes = block_d * named_args["Q"].element_size()
+
+        def acc_regs(c):
+            return c.kwargs[acc_rows] * block_d / (32 * c.num_warps)
+
+        fits = [c for c in configs
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * row_bytes <= 32768 and acc_regs(c) <= max_acc_regs]
+        return fits or [min(configs, key=acc_regs)]
+
+    return {"early_config_prune": prune}
 
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "IS_VARLEN"]
-_PRUNE = {"early_config_prune": _prune}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)], (32, 16))
-_DKDV = _configs([(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)], (16, 32))
-_DQ = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)], (32, 16))
-_DELTA_BLOCK_M = 32 if triton_interpreted() else 64
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter's (BLOCK_M, BLOCK_N)
+_FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3),
+                 (64, 32, 4, 2), (32, 32, 4, 2)], (32, 16))
+_DKDV = _configs([(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2),
+                  (32, 64, 4, 2), (32, 32, 4, 2)], (16, 32))
+_DQ = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2),
+                (32, 32, 4, 2)], (32, 16))
 
 
 def _bucket(n: int) -> int:
+    """Autotune-key bucket of a sequence length: powers of two from 64 to 16384."""
     return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
+
+
+def _delta_block_m(block_d: int) -> int:
+    """Rows per program of the memory-bound delta kernel: two fp32 tiles of at most
+    8192 elements (64 registers a thread at 4 warps)."""
+    return 32 if triton_interpreted() else min(64, 8192 // block_d)
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -103,9 +130,15 @@ def _visible(qi, kj, len_q, len_k, kpm, stride_mn, HAS_MASK: tl.constexpr, CAUSA
 
 
 @triton.jit
-def _dropout_keep(seed, row, key, drop_stride, dropout_p):
-    """Philox keep-bits for (lse row ``row``, key ``key``); identical in forward and backward."""
-    return tl.rand(seed, row * drop_stride + key) >= dropout_p
+def _dropout_keep(seed, row, key, dropout_p):
+    """Keep-bits for (lse row ``row``, key index ``key`` in the layout), broadcast to a
+    tile: Philox-4x32 with the 64-bit seed as key and (key, row) as two of its 32-bit
+    counters, so no 64-bit index arithmetic is spent per element.  Identical in forward
+    and backward."""
+    key = key.to(tl.int32) + row.to(tl.int32) * 0  # both counters at tile shape
+    row = row.to(tl.int32) + key * 0
+    bits, _, _, _ = tl.philox(seed, key, row, 0, 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -133,14 +166,14 @@ def _causal_key_end(start_m, len_q, len_k, BLOCK_M: tl.constexpr, CAUSAL: tl.con
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_pruner("BLOCK_M", 64))
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(
     Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, drop_stride, num_heads, group,
+    seqlen_q, seqlen_k, num_heads, group,
     qk_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -180,7 +213,8 @@ def _attn_fwd(
         kv_ok = kj < len_k
         kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         s = _mma(q, kt, DOT_PRECISION) * qk_scale
-        s = tl.where(_visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), s, float("-inf"))
+        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+        s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN: p and alpha are then exactly 0.
@@ -189,7 +223,7 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normaliser counts every key; only the product with V is dropped
-            p = tl.where(_dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], drop_stride, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], dropout_p), p, 0.0)
         v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
@@ -201,7 +235,7 @@ def _attn_fwd(
         out_scale = out_scale / (1.0 - dropout_p)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, (acc * out_scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     tl.store(LSE + lse_row, lse, mask=row_ok)
 
 
@@ -244,12 +278,12 @@ def _load_row_stats(LSE, DELTA, lse_row, row_ok):
     """log2-domain lse and delta of a block of query rows.  Rows with no visible key
     (lse = -inf) and rows past the sequence get lse = +inf, so exp2(s - lse) = 0."""
     lse = tl.load(LSE + lse_row, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
     return lse, delta
 
 
-@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_pruner("BLOCK_N", 32))
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_Q, CU_K,
@@ -257,7 +291,7 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, drop_stride, num_kv_heads, group,
+    seqlen_q, seqlen_k, num_kv_heads, group,
     qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -279,8 +313,10 @@ def _attn_bwd_dkdv(
     d_ok = offs_d < HEAD_DIM
     kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
     rows_k = (k_start + offs_n)[:, None]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + rows_k * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + rows_k * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + rows_k * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + rows_k * stride_vn + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     kpm = KPM + off_b * stride_mb
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -304,11 +340,12 @@ def _attn_bwd_dkdv(
             lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
 
             st = _mma(k, tl.trans(q), DOT_PRECISION) * qk_scale
-            st = tl.where(_visible(offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), st, float("-inf"))
+            vis = _visible(offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+            st = tl.where(vis, st, float("-inf"))
             pt = tl.exp2(st - lse[None, :])  # P^T, normalised by the forward's lse
             dpt = _mma(v, tl.trans(do), DOT_PRECISION)  # d(P after dropout)^T
             if DROPOUT:
-                keep = _dropout_keep(seed, lse_row[None, :], k_start + offs_n[:, None], drop_stride, dropout_p)
+                keep = _dropout_keep(seed, lse_row[None, :], k_start + offs_n[:, None], dropout_p)
                 inv_keep = 1.0 / (1.0 - dropout_p)
                 dv += _mma(tl.where(keep, pt * inv_keep, 0.0).to(do.dtype), do, DOT_PRECISION)
                 dpt = tl.where(keep, dpt * inv_keep, 0.0)
@@ -319,11 +356,13 @@ def _attn_bwd_dkdv(
             dk += _mma(dst.to(q.dtype), q, DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + rows_k * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + rows_k * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + rows_k * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + rows_k * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_pruner("BLOCK_M", 32))
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, KPM, CU_Q, CU_K,
@@ -331,7 +370,7 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, drop_stride, num_heads, group,
+    seqlen_q, seqlen_k, num_heads, group,
     qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -355,7 +394,8 @@ def _attn_bwd_dq(
     q_mask = row_ok[:, None] & d_ok[None, :]
     rows = (q_start + offs_m)[:, None]
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :], mask=q_mask, other=0.0)
+    do_ptrs = DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
@@ -370,17 +410,19 @@ def _attn_bwd_dq(
         k = tl.load(k_base + kj[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        s = tl.where(_visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL), s, float("-inf"))
+        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+        s = tl.where(vis, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = _mma(do, tl.trans(v), DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], drop_stride, dropout_p)
+            keep = _dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------- host wrappers
@@ -410,12 +452,10 @@ class _Layout:
         self.packed = cu_seqlens_q is not None
         if self.packed:
             tq, hq, d = q.shape
-            tk = k.shape[0]
             self.batch = cu_seqlens_q.shape[0] - 1
             self.seqlen_q, self.seqlen_k = 0, 0
             self.max_q, self.max_k = int(max_seqlen_q), int(max_seqlen_k)
             self.lse_shape, self.lse_strides = (hq, tq), (0, tq)
-            self.drop_stride = tk
             self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
         else:
             self.batch, hq, sq, d = q.shape
@@ -423,7 +463,6 @@ class _Layout:
             self.seqlen_q, self.seqlen_k = sq, sk
             self.max_q, self.max_k = sq, sk
             self.lse_shape, self.lse_strides = (self.batch, hq, sq), (hq * sq, sq)
-            self.drop_stride = sk
             self.cu_q = self.cu_k = q  # never read when not IS_VARLEN
         self.heads = hq
         self.kv_heads = k.shape[-2] if self.packed else k.shape[1]
@@ -437,6 +476,9 @@ class _Layout:
         self.scale = float(scale)
         self.dropout_p = float(dropout_p)
         self.seed = int(seed) if dropout_p > 0 else 0
+        if self.dropout_p > 0 and math.prod(self.lse_shape) >= 2**31:
+            raise ValueError("triton attention dropout: heads x query rows must be < 2**31 (32-bit Philox counters), "
+                             f"got {math.prod(self.lse_shape)}")
         self.buckets = (_bucket(self.max_q), _bucket(self.max_k))
         self.meta = dict(
             HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=int(causal),
@@ -450,7 +492,7 @@ class _Layout:
     def scalars(self, heads: int, *, backward: bool):
         qk_scale = self.scale * LOG2E
         scales = (qk_scale, self.scale) if backward else (qk_scale,)
-        return (self.seqlen_q, self.seqlen_k, self.drop_stride, heads, self.group,
+        return (self.seqlen_q, self.seqlen_k, heads, self.group,
                 *scales, self.dropout_p, self.seed, *self.buckets)
 
 
@@ -488,10 +530,11 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(lay.max_q, _DELTA_BLOCK_M), lay.batch * lay.heads)](
+    delta_rows = _delta_block_m(lay.meta["BLOCK_D"])
+    _attn_bwd_delta[(triton.cdiv(lay.max_q, delta_rows), lay.batch * lay.heads)](
         out, dout, delta, lay.cu_q, *_bhm(out, lay.packed), *_bhm(dout, lay.packed), *lay.lse_strides,
         lay.seqlen_q, lay.heads,
-        HEAD_DIM=lay.head_dim, BLOCK_D=lay.meta["BLOCK_D"], IS_VARLEN=lay.packed, BLOCK_M=_DELTA_BLOCK_M,
+        HEAD_DIM=lay.head_dim, BLOCK_D=lay.meta["BLOCK_D"], IS_VARLEN=lay.packed, BLOCK_M=delta_rows,
     )
     shared = (*lay.lse_strides, *lay.kpm_strides)
     _attn_bwd_dkdv[lay.grid(lay.max_k, lay.kv_heads, "BLOCK_N")](

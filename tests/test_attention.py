@@ -310,7 +310,7 @@ def test_low_precision_error_within_eager(target, dtype, case):
 
 
 # ------------------------------------------------------------------------------- dropout
-def recover_keep(target, b, hq, hk, sq, sk, d, p, seed, causal=False):
+def recover_keep(target, b, hq, hk, sq, sk, d, p, seed, causal=False, key_padding_mask=None):
     """The dropout keep-mask of a call, read off by attending to v = identity.
 
     With v[:, :, j] = e_j, out[i, j] = P_ij * keep_ij / (1 - p) and every visible P_ij > 0;
@@ -321,7 +321,7 @@ def recover_keep(target, b, hq, hk, sq, sk, d, p, seed, causal=False):
     k = torch.randn(b, hk, sk, d, device=target.device) * 0.5
     v = torch.eye(sk, d, device=target.device).expand(b, hk, sk, d)
     torch.manual_seed(seed)
-    out = attention(q, k, v, causal=causal, dropout_p=p, backend=target.backend)
+    out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=p, backend=target.backend)
     return out[..., :sk] > 0
 
 
@@ -356,10 +356,11 @@ def test_dropout_forward_and_backward_use_one_mask(target):
     b, hq, hk, sq, sk, d, p, seed = 2, 4, 2, 9, 16, 64, 0.4, 77
     q, k, v = make_qkv(b, hq, hk, sq, sk, d, device=target.device)
     target.require(q, k, True, dropout=True)
-    keep = recover_keep(target, b, hq, hk, sq, sk, d, p, seed, causal=True)
+    mask = padding_mask(b, sk, "left", target.device)
+    keep = recover_keep(target, b, hq, hk, sq, sk, d, p, seed, causal=True, key_padding_mask=mask)
     torch.manual_seed(seed)
-    out = attention(q, k, v, causal=True, dropout_p=p, backend=target.backend)
-    expected = expected_attention(q, k, v, visible_mask(sq, sk, True, device=target.device), keep=keep, dropout_p=p)
+    out = attention(q, k, v, key_padding_mask=mask, causal=True, dropout_p=p, backend=target.backend)
+    expected = expected_attention(q, k, v, visible_mask(sq, sk, True, mask, target.device), keep=keep, dropout_p=p)
     assert_close(out, expected, 1e-4, "out")
     dout = torch.randn_like(out)
     for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):

@@ -127,6 +127,7 @@ PADDED = [
     (1, 2, 2, 7, 97, 80, 2, None),  # bottom-right, seq_q < seq_k (KV cache)
     (2, 4, 1, 33, 45, 64, 0, "empty_row"),  # multi-query; batch 1 fully masked
     (1, 1, 1, 130, 130, 16, 1, "right"),
+    pytest.param(2, 4, 2, 130, 257, 96, 2, "left", marks=pytest.mark.slow),  # head dim 96, several blocks
 ]
 
 

@@ -13,8 +13,8 @@
 //   first..last attended key of the padding mask (left or right padding), key
 //   blocks the mask hides entirely, and keys after the causal limit.  That is
 //   where padding turns into speed.
-// * low precision (bf16/fp16) tiles are converted to fp32 once per tile; all
-//   accumulation is fp32.
+// * low precision (bf16/fp16) K and V are converted to fp32 once per (sequence,
+//   kv head) and thread, Q and dO once per query block; all accumulation is fp32.
 // * dropout multiplies the normalised probabilities by keep / (1 - p); the keep
 //   bit is a hash of (seed, sequence, head, query, key) (csrc/cuda/attention.h),
 //   so the backward regenerates the forward's mask.
@@ -246,7 +246,8 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
   const int64_t qblocks = (g.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t items = g.nseq * g.heads_q * qblocks;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kBlockQ * D), kf(kBlockK * D), vf(kBlockK * D), s(kBlockQ * kBlockK), acc(kBlockQ * D);
+    std::vector<float> qf(kBlockQ * D), kf, vf, s(kBlockQ * kBlockK), acc(kBlockQ * D);
+    int64_t converted = -1;  // the (sequence, kv head) whose K/V kf/vf hold in fp32
     float m[kBlockQ], l[kBlockQ];
     int64_t row_end[kBlockQ];
     for (int64_t item = begin; item < end; ++item) {
@@ -259,6 +260,17 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
       const T* vp = v + n * lv.batch + hk * lv.head + g.k0(n) * lv.row;
       int64_t kmin, kmax;
       g.key_range(n, kmin, kmax);
+      // 16-bit K/V: converted to fp32 once per (sequence, kv head) and thread; the
+      // items of a thread are consecutive query blocks and heads, so they reuse it
+      if (!std::is_same_v<T, float> && converted != n * g.heads_k + hk) {
+        converted = n * g.heads_k + hk;
+        kf.resize(g.len_k(n) * D);
+        vf.resize(g.len_k(n) * D);
+        for (int64_t j = kmin; j < kmax; ++j) {
+          load_row(kp + j * lk.row, D, 1.0f, kf.data() + j * D);
+          load_row(vp + j * lv.row, D, 1.0f, vf.data() + j * D);
+        }
+      }
       for (int64_t r = 0; r < M; ++r) {
         load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
         row_end[r] = g.key_end(n, i0 + r, kmax);
@@ -272,18 +284,14 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
         bool hidden;
         const bool* key_ok = g.block_mask(n, kb, N, hidden);
         if (hidden) continue;
-        // fp32 operands feed the products in place; others are converted once per tile
+        // fp32 operands feed the products in place
         const float *kt, *vt;
         int64_t ldk, ldv;
         if constexpr (std::is_same_v<T, float>) {
           kt = kp + kb * lk.row, ldk = lk.row;
           vt = vp + kb * lv.row, ldv = lv.row;
         } else {
-          for (int64_t j = 0; j < N; ++j) {
-            load_row(kp + (kb + j) * lk.row, D, 1.0f, kf.data() + j * D);
-            load_row(vp + (kb + j) * lv.row, D, 1.0f, vf.data() + j * D);
-          }
-          kt = kf.data(), vt = vf.data(), ldk = ldv = D;
+          kt = kf.data() + kb * D, vt = vf.data() + kb * D, ldk = ldv = D;
         }
         gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, ldk, 0.0f, s.data(), kBlockK);
         for (int64_t r = 0; r < M; ++r) {

@@ -11,6 +11,8 @@ require one.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastlm import registry
@@ -65,8 +67,6 @@ def check_labels_in_range(labels, vocab: int, ignore_index: int) -> None:
 
 
 def maybe_check_labels(labels, vocab: int, ignore_index: int) -> None:
-    import os
-
     if labels.device.type == "cpu" or os.environ.get("FASTLM_CHECK_LABELS", "0") not in ("", "0"):
         check_labels_in_range(labels, vocab, ignore_index)
 

@@ -1,0 +1,208 @@
+// Cross-entropy CUDA kernels.  COMPILED, UNVERIFIED: never run on a GPU.
+//
+// Forward: one block per row.  Each thread walks its strided share of the row with
+// 16-byte vector loads (when the row length and base address allow), keeping an online
+// log-sum-exp (running max m and s = sum exp(x - m)), the row sum (label smoothing);
+// a warp-shuffle + shared-memory reduction merges the (m, s) pairs.  The gradient sweep
+// re-reads the row (just read by this block, so served from L2) and writes
+// softmax * (1 + 2 z lse) - eps / V - (1 - eps) onehot.  DRAM traffic: one read of the
+// logits, one write of the gradient.  All arithmetic is fp32.
+// Backward: grad_rows * scale[row], vectorised the same way.
+#include "cross_entropy.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastlm_cross_entropy {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Merge two online log-sum-exp states (max, sum of exp(x - max)).
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both still empty / all -inf
+  s = s * __expf(m - mn) + s2 * __expf(m2 - mn);
+  m = mn;
+}
+
+// Block-wide merge of (m, s) and sum of sx; every thread gets the result.
+__device__ __forceinline__ void block_reduce(float& m, float& s, float& sx) {
+  __shared__ float sm[kWarps], ss[kWarps], ssx[kWarps];
+  for (int off = 16; off > 0; off >>= 1) {
+    merge(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off));
+    sx += __shfl_xor_sync(0xffffffffu, sx, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+    ssx[warp] = sx;
+  }
+  __syncthreads();
+  m = -INFINITY;
+  s = 0.f;
+  sx = 0.f;
+  for (int w = 0; w < kWarps; ++w) {
+    merge(m, s, sm[w], ss[w]);
+    sx += ssx[w];
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels,
+                                                           float* __restrict__ loss, T* __restrict__ grad, int64_t v,
+                                                           int64_t ignore_index, float eps, float z_loss) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * v;
+  T* g = grad ? grad + row * v : nullptr;
+  const int64_t y = labels[row];
+  const int64_t step = int64_t(kThreads) * VEC;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) loss[row] = 0.f;
+    if (g) {
+      for (int64_t i = threadIdx.x * VEC; i < v; i += step) {
+        Pack<T, VEC> out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(0.f);
+        *reinterpret_cast<Pack<T, VEC>*>(g + i) = out;
+      }
+    }
+    return;
+  }
+  float m = -INFINITY, s = 0.f, sx = 0.f;
+  for (int64_t i = threadIdx.x * VEC; i < v; i += step) {
+    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+    float f[VEC];
+    float bm = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      f[k] = to_float(in.v[k]);
+      bm = fmaxf(bm, f[k]);
+      sx += f[k];
+    }
+    float bs = 0.f;
+    const float shift = bm == -INFINITY ? 0.f : bm;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) bs += __expf(f[k] - shift);
+    merge(m, s, bm, bs);
+  }
+  block_reduce(m, s, sx);
+  const bool in_range = y >= 0 && y < v;
+  const float poison = in_range ? 0.f : __int_as_float(0x7fc00000);  // the device-side NaN flag
+  const float lse = (m == -INFINITY ? 0.f : m) + __logf(s);
+  if (threadIdx.x == 0) {
+    const float xy = in_range ? to_float(x[y]) : 0.f;
+    float l = lse - (1.f - eps) * xy + z_loss * lse * lse;
+    if (eps > 0.f) l -= eps * sx / float(v);  // eps == 0: no 0 * (-inf) when a logit is -inf
+    loss[row] = l + poison;
+  }
+  if (!g) return;
+  const float p_scale = 1.f + 2.f * z_loss * lse;
+  const float uniform = eps / float(v);
+  for (int64_t i = threadIdx.x * VEC; i < v; i += step) {
+    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float d = __expf(to_float(in.v[k]) - lse) * p_scale - uniform + poison;
+      if (i + k == y) d -= 1.f - eps;
+      out.v[k] = from_float<T>(d);
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(g + i) = out;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) scale_kernel(const T* __restrict__ g, const float* __restrict__ scale,
+                                                    T* __restrict__ out, int64_t v) {
+  const int64_t row = blockIdx.x;  // rows on x (up to 2^31 - 1), column blocks on y
+  const int64_t i = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (i >= v) return;
+  const float sc = scale[row];
+  const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(g + row * v + i);
+  Pack<T, VEC> o;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(to_float(in.v[k]) * sc);
+  *reinterpret_cast<Pack<T, VEC>*>(out + row * v + i) = o;
+}
+
+// 16-byte vectors when every row starts 16-byte aligned, else scalar accesses.
+template <typename T>
+bool vectorisable(const void* a, const void* b, int64_t v) {
+  constexpr int vec = 16 / sizeof(T);
+  return v % vec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+}
+
+template <typename T>
+cudaError_t forward_t(const void* logits, const int64_t* labels, float* loss, void* grad, int64_t n, int64_t v,
+                      int64_t ignore_index, float eps, float z_loss, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(logits);
+  T* g = static_cast<T*>(grad);
+  if (vectorisable<T>(logits, grad ? grad : logits, v)) {
+    forward_kernel<T, 16 / sizeof(T)><<<n, kThreads, 0, stream>>>(x, labels, loss, g, v, ignore_index, eps, z_loss);
+  } else {
+    forward_kernel<T, 1><<<n, kThreads, 0, stream>>>(x, labels, loss, g, v, ignore_index, eps, z_loss);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_t(const void* grad_rows, const float* scale, void* out, int64_t n, int64_t v,
+                       cudaStream_t stream) {
+  const T* g = static_cast<const T*>(grad_rows);
+  T* o = static_cast<T*>(out);
+  if (vectorisable<T>(grad_rows, out, v)) {
+    constexpr int vec = 16 / sizeof(T);
+    const dim3 grid(n, (v / vec + 255) / 256);
+    scale_kernel<T, vec><<<grid, 256, 0, stream>>>(g, scale, o, v);
+  } else {
+    const dim3 grid(n, (v + 255) / 256);
+    scale_kernel<T, 1><<<grid, 256, 0, stream>>>(g, scale, o, v);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t forward(DType dtype, const void* logits, const int64_t* labels, float* loss, void* grad, int64_t n,
+                    int64_t v, int64_t ignore_index, float eps, float z_loss, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat: return forward_t<float>(logits, labels, loss, grad, n, v, ignore_index, eps, z_loss, stream);
+    case DType::kHalf: return forward_t<__half>(logits, labels, loss, grad, n, v, ignore_index, eps, z_loss, stream);
+    case DType::kBFloat16:
+      return forward_t<__nv_bfloat16>(logits, labels, loss, grad, n, v, ignore_index, eps, z_loss, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t backward(DType dtype, const void* grad_rows, const float* scale, void* out, int64_t n, int64_t v,
+                     cudaStream_t stream) {
+  if (n == 0 || v == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat: return backward_t<float>(grad_rows, scale, out, n, v, stream);
+    case DType::kHalf: return backward_t<__half>(grad_rows, scale, out, n, v, stream);
+    case DType::kBFloat16: return backward_t<__nv_bfloat16>(grad_rows, scale, out, n, v, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastlm_cross_entropy
