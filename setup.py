@@ -27,6 +27,24 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_home(torch_guess):
+    """The CUDA toolkit folder: the one holding both bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses from ``which nvcc``; a wrapper script such as /usr/local/bin/nvcc makes
+    that guess /usr/local, which has no CUDA headers, so check candidates in order.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in filter(None, candidates):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
 def _extensions():
     try:
         import torch
@@ -43,7 +61,8 @@ def _extensions():
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
 
     want_cuda = not _flag("FASTLM_SKIP_CUDA_BUILD")
-    cuda_home = cpp_extension.CUDA_HOME
+    cuda_home = _cuda_home(cpp_extension.CUDA_HOME)
+    cpp_extension.CUDA_HOME = cuda_home  # torch's include/library paths follow this global
     nvcc = cuda_home and shutil.which(os.path.join(cuda_home, "bin", "nvcc"))
     why_not = None
     if torch.version.cuda is None:

@@ -15,7 +15,8 @@ Two halves, both used by ``bench/gpu_check.sh``:
   folds the lines into ``{op: {backend: {...}}}`` for the kernels that ran on ``cuda``:
   ``status`` is "passed" when at least one test called the kernel on the GPU and no test
   that called it failed, "failed" when one did, "incomplete" when none failed but the
-  test run did not finish (``--incomplete``); registered GPU rows no test reached are
+  tests of its op did not all run (a file with selected tests that left no record, or
+  ``--incomplete`` without a record of the selection); registered GPU rows no test reached are
   listed as "not exercised".  Each entry carries the counts, up to five failing test
   ids, the date and the device.  Also prints a markdown table.
 
@@ -121,6 +122,14 @@ def pytest_runtest_setup(item):
     _ran_here.add(item.nodeid)
 
 
+def pytest_collection_finish(session):
+    """Note what was selected to run, so the summary can tell which files finished."""
+    path = os.environ.get("GPU_VERIFICATION_RECORDS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"collected": [item.nodeid for item in session.items]}) + "\n")
+
+
 def pytest_runtest_logreport(report):
     if report.nodeid not in _ran_here:
         return
@@ -166,13 +175,31 @@ def _registered_gpu_rows() -> list[tuple[str, str]]:
         return []
 
 
+def _op_of_file(path: str, ops) -> str | None:
+    """The op a test file belongs to by name (the longest op name in it): test_varlen_attention.py
+    -> attention, test_linear_cross_entropy.py -> linear_cross_entropy."""
+    name = Path(path).name
+    found = [op for op in ops if op in name]
+    return max(found, key=len) if found else None
+
+
 def summarize(records: list[dict], device: str, complete: bool = True, date: str | None = None) -> dict:
-    """``{"device", "date", "complete", "ops": {op: {backend: entry}}, "groups": {file: counts}}``."""
+    """``{"device", "date", "complete", "ops": {op: {backend: entry}}, "groups": {file: counts}}``.
+
+    A file is complete when every test selected in it left a record.  A kernel with no
+    failure is "incomplete" while a test file of its op (by name) is not complete, or when
+    ``complete=False`` (the run was cut off) and the selection was never recorded.
+    """
     date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
     ops: dict = {}
     groups: dict = {}
+    collected, seen = set(), set()
     for rec in records:
-        g = groups.setdefault(rec["file"], {"passed": 0, "failed": 0, "error": 0, "skipped": 0})
+        if "collected" in rec:
+            collected.update(rec["collected"])
+            continue
+        seen.add(rec["nodeid"])
+        g = groups.setdefault(rec["file"], {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not run": 0})
         g[rec["outcome"]] = g.get(rec["outcome"], 0) + 1
         for op, backend, dev in rec.get("kernels", []):
             if dev != "cuda":
@@ -184,18 +211,28 @@ def summarize(records: list[dict], device: str, complete: bool = True, date: str
                 e["tests_failed"] += 1
                 if len(e["failing"]) < 5:
                     e["failing"].append(rec["nodeid"])
+    for nodeid in collected - seen:
+        g = groups.setdefault(nodeid.split("::")[0], {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not run": 0})
+        g["not run"] += 1
+    registered = _registered_gpu_rows()
+    all_ops = set(ops) | {op for op, _ in registered}
+    if collected or complete:
+        unfinished = {_op_of_file(f, all_ops) for f, g in groups.items() if g["not run"]}
+    else:  # cut off with no record of what was selected: nothing can be called finished
+        unfinished = all_ops
     for op, backends in ops.items():
         for e in backends.values():
             if e["tests_failed"]:
                 e["status"] = "failed"
-            elif not complete:
+            elif op in unfinished:
                 e["status"] = "incomplete"
             else:
                 e["status"] = "passed" if e["tests_passed"] else "not exercised"
             e.update(date=date, device=device)
-    for op, backend in _registered_gpu_rows():
+    for op, backend in registered:
         ops.setdefault(op, {}).setdefault(backend, {"status": "not exercised", "tests_passed": 0, "tests_failed": 0,
                                                     "failing": [], "date": date, "device": device})
+    complete = complete and not any(g["not run"] for g in groups.values())
     return {"device": device, "date": date, "complete": complete, "ops": ops, "groups": groups}
 
 
@@ -206,9 +243,9 @@ def markdown(summary: dict) -> str:
     for op in sorted(summary["ops"]):
         for backend, e in sorted(summary["ops"][op].items()):
             lines.append(f"| {op} | {backend} | {e['status']} | {e['tests_passed']} | {e['tests_failed']} |")
-    lines += ["", "| test file | passed | failed | error | skipped |", "|---|---|---|---|---|"]
+    lines += ["", "| test file | passed | failed | error | skipped | not run |", "|---|---|---|---|---|---|"]
     for f, g in sorted(summary["groups"].items()):
-        lines.append(f"| {f} | {g['passed']} | {g['failed']} | {g['error']} | {g['skipped']} |")
+        lines.append(f"| {f} | {g['passed']} | {g['failed']} | {g['error']} | {g['skipped']} | {g['not run']} |")
     return "\n".join(lines)
 
 

@@ -17,12 +17,13 @@ A bench script describes *what* to run and the harness does the rest::
 
 API
 ---
-``Case(name, make_inputs, grad=(), flops={}, bytes={}, params={})``
+``Case(name, make_inputs, grad=(), flops={}, bytes={}, params={}, modes=None)``
     ``make_inputs(device) -> dict`` builds one input set from fresh random data (never
     zeros).  ``grad`` names the inputs that require grad in every mode (so "forward" is
     the training forward; give ``grad=()`` for an inference forward).  ``flops`` /
     ``bytes`` map a mode to the work the caller counts (the rate and the fraction of the
-    ceiling derive from them).  ``params`` are recorded as columns.
+    ceiling derive from them).  ``params`` are recorded as columns; ``modes`` limits the
+    case to some modes.
 ``Provider(name, fn, skip=None, modes=MODES)``
     ``fn(inputs) -> tensor or tuple of tensors``.  ``skip(case, device) -> reason | None``
     says before any run why it cannot serve a case.  An ``fn`` that finds out only when
@@ -64,7 +65,9 @@ are not counted; outputs and workspaces are).  On CPU there is no allocator coun
 thread samples the process's resident set size (``/proc/self/statm``, about every
 0.2 ms) during one call and reports the growth over the RSS before it.  That is a lower
 bound and a rough one: blocks the allocator reuses from its free lists, and spikes
-shorter than the sampling interval, are not seen.  Compare CPU memory numbers only
+shorter than the sampling interval, are not seen.  Running the script with
+``MALLOC_MMAP_THRESHOLD_=65536`` (glibc) makes large tensors come from, and go back
+to, the OS, so the growth then tracks them better.  Compare CPU memory numbers only
 between large differences.
 
 Nothing here asserts a time; tests of the harness live in ``tests/test_bench_harness.py``.
@@ -122,6 +125,7 @@ class Case:
     flops: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    modes: tuple | None = None  # the modes worth measuring for this case (None: all asked for)
 
 
 @dataclass
@@ -235,17 +239,19 @@ def time_calls(call: Callable[[int], Any], device: torch.device, n_sets: int = 1
                warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 5,
                max_reps: int = 1000) -> list[float]:
     """Per-call times in ms of ``call(i)`` (i rotates over ``n_sets`` input sets)."""
-    # Warm-up: every input set at least once, then until warmup_ms has passed.
+    # Warm-up: every input set at least once, then until warmup_ms has passed.  The
+    # median warm-up call (not the mean: the first call may autotune or compile) sizes
+    # the timed loop.
     _sync(device)
     t0 = time.perf_counter()
-    n = 0
+    n, warm = 0, []
     while n < max(n_sets, 2) or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        t = time.perf_counter()
         call(n % n_sets)
+        _sync(device)
+        warm.append((time.perf_counter() - t) * 1e3)
         n += 1
-        if n % n_sets == 0:
-            _sync(device)
-    _sync(device)
-    estimate = (time.perf_counter() - t0) * 1e3 / n
+    estimate = quantile(sorted(warm), 0.5)
     reps = int(max(min_reps, min(max_reps, rep_ms / max(estimate, 1e-6))))
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -353,14 +359,18 @@ def measure_ceilings(device: torch.device | str, matmul_dtype: torch.dtype | Non
     key = (str(device), matmul_dtype, copy_bytes, matmul_n)
     if key in _CEILINGS:
         return _CEILINGS[key]
-    src = torch.randn(copy_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), device, reps=20 if gpu else 5)
-    del src, dst
-    a = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
-    b = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
-    mm_ms = _median_ms(lambda: a @ b, device, reps=20 if gpu else 3)
-    del a, b
+
+    def copy_ms() -> float:  # the buffers are freed on return, before the matmul's are made
+        src = torch.randn(copy_bytes // 4, device=device)
+        dst = torch.empty_like(src)
+        return _median_ms(lambda: dst.copy_(src), device, reps=20 if gpu else 5)
+
+    def matmul_ms() -> float:
+        a = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
+        b = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
+        return _median_ms(lambda: a @ b, device, reps=20 if gpu else 3)
+
+    copy_ms, mm_ms = copy_ms(), matmul_ms()
     result = {
         "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
         "matmul_tflops": 2 * matmul_n**3 / (mm_ms * 1e-3) / 1e12,
@@ -511,6 +521,8 @@ def measure(case: Case, provider: Provider, mode: str, device: torch.device, set
     flops, nbytes = case.flops.get(mode), case.bytes.get(mode)
     row.update(flops=flops, bytes=nbytes, input_sets=len(sets))
     why = provider.skip_reason(case, device, mode)
+    if case.modes is not None and mode not in case.modes:
+        why = f"case {case.name} is measured in {'/'.join(case.modes)} only"
     if why:
         return {**row, "status": "skipped", "reason": why}
     leaves = [[inputs[name] for name in case.grad] for inputs in sets]

@@ -11,8 +11,8 @@ the one the bench script recorded (``run(..., baseline=)``), else ``torch``.  Sk
 and failed providers are listed with their reasons under the table, and a second table
 gives peak extra memory.
 The plot (matplotlib, Agg backend, PNG) has one panel per mode: grouped bars of the
-rate (or of the time when no work was counted) per case and provider, with the
-measured ceiling as a dashed line.
+rate (or of the time when no work was counted) per case and measured provider, with
+the measured ceiling as a dashed line.
 """
 from __future__ import annotations
 
@@ -139,13 +139,15 @@ def markdown(rows: list[dict], ceilings: dict | None = None, env: dict | None = 
         lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " |")
     mem = [r for r in rows if r.get("status") == "ok" and r.get("peak_mb") is not None]
     if mem:
-        lines += ["", "peak extra memory, MiB (GPU: allocator peak over the inputs; CPU: sampled RSS growth, a lower bound)", "",
+        lines += ["", "peak extra memory, MiB (GPU: allocator peak over the inputs; "
+                  "CPU: sampled RSS growth, a lower bound)", "",
                   "| case | mode | " + " | ".join(providers) + " |", "|---|---|" + "---|" * len(providers)]
         for case, mode in keys:
             cells = []
             for p in providers:
                 r = index.get((case, mode, p))
-                cells.append(_fmt(r["peak_mb"]) if r and r.get("status") == "ok" and r.get("peak_mb") is not None else "")
+                ok_mem = r and r.get("status") == "ok" and r.get("peak_mb") is not None
+                cells.append(_fmt(r["peak_mb"]) if ok_mem else "")
             lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " |")
     notes = {}
     for r in rows:
@@ -154,7 +156,8 @@ def markdown(rows: list[dict], ceilings: dict | None = None, env: dict | None = 
     if notes:
         lines += ["", "not measured:"]
         for (provider, status, reason), where in notes.items():
-            scope = "all cases" if len(where) == len(keys) else ", ".join(where[:6]) + (" ..." if len(where) > 6 else "")
+            scope = ("all cases" if len(where) == len(keys)
+                     else ", ".join(where[:6]) + (" ..." if len(where) > 6 else ""))
             lines.append(f"- `{provider}` {status} ({scope}): {reason}")
     return "\n".join(lines)
 
@@ -169,8 +172,8 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     modes = _unique(r["mode"] for r in rows)
     cases = _unique(r["case"] for r in rows)
-    providers = _unique(r["provider"] for r in rows)
     ok = [r for r in rows if r.get("status") == "ok"]
+    providers = _unique(r["provider"] for r in ok)
     if any(r.get("tflops") is not None for r in ok):
         metric, label, ceiling_key = "tflops", "TFLOP/s", "ceiling_matmul_tflops"
     elif any(r.get("gbps") is not None for r in ok):
@@ -181,6 +184,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(modes), figsize=(max(6, 1.2 * len(cases) * len(modes) + 3), 4.5),
                              squeeze=False)
     width = 0.8 / max(len(providers), 1)
+    colors = plt.get_cmap("tab10" if len(providers) <= 10 else "tab20").colors
     for ax, mode in zip(axes[0], modes):
         for j, p in enumerate(providers):
             xs, ys = [], []
@@ -189,7 +193,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
                 if r is not None and r.get(metric) is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(r[metric])
-            ax.bar(xs, ys, width, label=p)
+            ax.bar(xs, ys, width, label=p, color=colors[j % len(colors)])
         ceiling = next((r.get(ceiling_key) for r in ok if ceiling_key and r.get(ceiling_key)), None)
         if ceiling:
             ax.axhline(ceiling, ls="--", color="gray", lw=1)
@@ -212,7 +216,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a bench/results/<name>.csv or .json file")
     p.add_argument("--all", action="store_true", help="every run in the file (default: the latest run)")
-    p.add_argument("--baseline", default=None, help="provider the speedups are relative to (default: the recorded one, else torch)")
+    p.add_argument("--baseline", default=None,
+                   help="provider the speedups are relative to (default: the recorded one, else torch)")
     p.add_argument("--md", default=None, help="markdown output (default: <path stem>.md beside the input)")
     p.add_argument("--png", default=None, help="plot output (default: <path stem>.png beside the input)")
     p.add_argument("--no-plot", action="store_true")

@@ -27,8 +27,9 @@ sizes.
 
 Numerics: scores, the running max/sum and the accumulator are fp32; ``log2(e)`` is
 folded into the scale so the softmax runs on ``exp2``; P is rounded to the input dtype
-before the P @ V product (as every flash kernel does).  fp32 inputs use IEEE fp32 dot
-products (no TF32), so fp32 matches an fp32 reference to ~1e-6.
+before the P @ V product (as every flash kernel does).  fp32 dot products are split
+into three TF32 tensor-core products ("tf32x3"): close to fp32 accuracy, never plain
+TF32.  (The interpreter computes them in plain fp32 numpy.)
 
 Status: tested under ``TRITON_INTERPRET=1`` (tests/test_attention_triton.py) and compiled
 ahead of time for sm_80 / sm_90; never run on a GPU ("compiled, unverified").
@@ -67,17 +68,19 @@ def _pruner(acc_rows: str, max_acc_regs: int) -> dict:
     ``max_acc_regs`` fp32 registers per thread for each ``acc_rows x BLOCK_D``
     accumulator.  The limits come from ptxas register / spill reports of sm_90 builds
     (64 for the forward, whose only other resident tile is Q; 32 for the backward
-    kernels, which keep two more input tiles resident).  If nothing fits, the config
-    with the fewest accumulator registers is kept."""
+    kernels, which keep two more input tiles resident; halved with dropout, whose
+    Philox rounds need registers of their own).  If nothing fits, the config with the
+    fewest accumulator registers is kept."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
+        limit = max_acc_regs // 2 if kwargs["DROPOUT"] else max_acc_regs
         row_bytes = block_d * named_args["Q"].element_size()
 
         def acc_regs(c):
             return c.kwargs[acc_rows] * block_d / (32 * c.num_warps)
 
         fits = [c for c in configs
-                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * row_bytes <= 32768 and acc_regs(c) <= max_acc_regs]
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * row_bytes <= 32768 and acc_regs(c) <= limit]
         return fits or [min(configs, key=acc_regs)]
 
     return {"early_config_prune": prune}
@@ -88,9 +91,9 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "IS_
 _FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3),
                  (64, 32, 4, 2), (32, 32, 4, 2)], (32, 16))
 _DKDV = _configs([(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2),
-                  (32, 64, 4, 2), (32, 32, 4, 2)], (16, 32))
+                  (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)], (16, 32))
 _DQ = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2),
-                (32, 32, 4, 2)], (32, 16))
+                (32, 32, 4, 2), (32, 32, 8, 2)], (32, 16))
 
 
 def _bucket(n: int) -> int:
@@ -144,7 +147,8 @@ def _dropout_keep(seed, row, key, dropout_p):
 @triton.jit
 def _mma(a, b, DOT_PRECISION: tl.constexpr):
     """``a @ b`` accumulated in fp32.  DOT_PRECISION: "tf32" for fp16/bf16 inputs (no
-    effect there), "ieee" for fp32 inputs (no TF32 rounding), or "widen": only under the
+    effect there), "tf32x3" for fp32 inputs (three TF32 tensor-core products: fp32-level
+    accuracy, where "ieee" would fall back to slow FMA loops), or "widen": only under the
     interpreter with bf16 inputs, whose tl.dot would multiply the raw uint16 bit
     patterns (triton stores bf16 as uint16 there); widening bf16 -> fp32 is exact, so
     the product equals a bf16 MMA with fp32 accumulation."""
@@ -433,7 +437,7 @@ def _bhm(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
-        return "ieee"
+        return "tf32x3"
     return "widen" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
 
 

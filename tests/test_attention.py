@@ -7,10 +7,7 @@ interpreter is slow); on a CUDA device (``gpu`` mark) ``reference``, ``triton`` 
 ``cuda``.  A GPU backend that declares it cannot serve a case (dtype, head_dim, feature)
 is skipped with its reasons; a CPU target never is.
 """
-import importlib
-import importlib.util
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,87 +18,8 @@ from fastlm import registry
 from fastlm.ops.attention import attention
 from fastlm.registry import BackendError, Problem
 
-TARGETS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("reference", "cuda"), id="gpu-reference", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="gpu-triton", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="gpu-cuda", marks=pytest.mark.gpu),
-]
-
-
-def target_skip_reason(backend: str, device: str) -> str | None:
-    """Why ``backend`` cannot be tested on ``device`` tensors in this process (None: it can)."""
-    why = registry.BACKENDS[backend].unavailable_reason()
-    if why:
-        return why
-    if backend == "triton":
-        if (device == "cpu") != registry.triton_interpreted():
-            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (and on GPU ones only without it)"
-        try:
-            importlib.import_module("fastlm.kernels.attention")
-        except ModuleNotFoundError as exc:
-            if exc.name != "fastlm.kernels.attention":
-                raise
-            return "fastlm.kernels.attention does not exist yet"
-    if backend in ("cpu", "cuda"):
-        from fastlm import _ext
-
-        key = "CPU" if backend == "cpu" else "CUDA"
-        if not hasattr(_ext.kernels(), "attention_forward") or not torch._C._dispatch_has_kernel_for_dispatch_key(
-                "fastlm_C::attention_forward", key):
-            return f"fastlm._C has no {key} attention kernel yet"
-    return None
-
-
-@dataclass(frozen=True)
-class Target:
-    backend: str
-    device: str
-
-    @property
-    def interpreted(self) -> bool:
-        return self.backend == "triton" and self.device == "cpu"
-
-    def require(self, q, k, causal=False, dropout=False, packed=False):
-        """Skip when a GPU backend declares it cannot serve this input (never on CPU)."""
-        if self.device == "cpu":
-            return
-        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal={False: 0, True: 1}.get(causal, 2),
-                             dropout=dropout, packed=packed, gqa=q.shape[1] != k.shape[1])
-        reasons = registry.table("attention")[self.backend].unsupported_reasons(problem)
-        if reasons:
-            pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Outputs allocated with torch.empty / empty_like start as NaN, so unwritten elements show."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(real_empty_like(*a, **kw)))
-
-
-@pytest.fixture(params=TARGETS)
-def target(request, poison):
-    why = target_skip_reason(*request.param)
-    if why:
-        pytest.skip(f"{request.param[0]}: {why}")
-    return Target(*request.param)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
+# fixtures (target, poison, _no_tf32) and checks shared with test_varlen_attention.py
+from _attention_targets import _no_tf32, assert_close, assert_within_eager, poison, target  # noqa: F401
 
 # ----------------------------------------------------------------- float64 expectation
 def visible_mask(sq, sk, causal=False, key_padding_mask=None, device="cpu"):
@@ -166,25 +84,6 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-def assert_close(actual, expected, tol, what):
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1.0)
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
-
-
-def assert_within_eager(actual, eager, truth, factor, what):
-    """Max error of ``actual`` vs float64 ``truth`` at most ``factor`` x that of plain eager PyTorch."""
-    def err(t):
-        return (t.double() - truth).abs().max().item()
-
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    bound = factor * err(eager) + 1e-6
-    assert err(actual) <= bound, f"{what}: error {err(actual):.3g} > {factor} x eager error {err(eager):.3g}"
-
-
-# ------------------------------------------------------------------------------ numerics
-# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, padding, bshd layout)
 CASES = [
     (1, 2, 2, 1, 1, 16, False, None, False),
     (3, 2, 1, 7, 97, 40, False, "right", True),

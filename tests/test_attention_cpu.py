@@ -276,3 +276,53 @@ def test_bad_inputs_raise(ops):
     t = torch.randn(5, 2, 8)
     with pytest.raises(RuntimeError, match="cu_seqlens"):
         call(ops, t, t, t, cu=(cu, cu), max_len=(3, 3))
+
+
+# ----------------------------------------------------------------------------- the CUDA kernels
+# Run by bench/gpu_check.sh on a GPU; the op-layer tests (test_attention.py,
+# test_varlen_attention.py) cover the cuda backend's features through fastlm.ops.
+def cuda_kernels(ops):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastlm_C::attention_forward", "CUDA"):
+        pytest.skip("fastlm._C was built without its CUDA attention kernels")
+    return ops
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_dropout_mask_matches_cpu(ops, dtype):
+    """Both kernels hash (seed, sequence, head, query, key) the same way: identical masks."""
+    cuda_kernels(ops)
+    B, H, Sq, Sk, p = 2, 2, 80, 64, 0.25
+    cpu = dropout_multiplier(ops, B, H, Sq, Sk, p, seed=7)
+    q = torch.zeros(B, H, Sq, Sk, dtype=dtype, device="cuda")
+    eye = torch.eye(Sk, dtype=dtype, device="cuda").expand(B, H, Sk, Sk).contiguous()
+    out, _ = call(ops, q, eye, eye, p=p, seed=7)
+    assert torch.equal(out.cpu() > 0, cpu > 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,causal", [(64, 2), (128, 1)])
+def test_cuda_forward_backward(ops, D, causal):
+    """HF-strided bf16 views, left padding, grouped-query heads, dropout: vs float64 with the CPU kernel's mask."""
+    cuda_kernels(ops)
+    B, Hq, Hk, Sq, Sk, p, seed = 2, 4, 2, 97, 130, 0.1, 5
+    q, k, v = hf_layout(B, Hq, Sq, D), hf_layout(B, Hk, Sk, D), hf_layout(B, Hk, Sk, D)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    mask = padding_mask([130, 60], Sk, left=True)
+    dout = torch.randn(B, Hq, Sq, D, dtype=torch.bfloat16)
+    # the CPU kernel's mask for these coordinates (same hash), read back with D = Sk
+    eye = torch.eye(Sk).expand(B, Hk, Sk, Sk).contiguous()
+    probe, _ = call(ops, torch.zeros(B, Hq, Sq, Sk), eye, eye, mask, p=p, seed=seed)
+    cpu_keep = probe.double() * mask.sum(-1).double()[:, None, None, None]
+    dev = lambda t: t.cuda() if t is not None else None
+    out, lse = call(ops, dev(q), dev(k), dev(v), dev(mask), causal, p=p, seed=seed)
+    dq, dk, dv = call_backward(ops, dev(dout), dev(q), dev(k), dev(v), out, lse, dev(mask), causal, p=p, seed=seed)
+    ro, rl, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal, keep=cpu_keep)
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eo, _ = attention_math(qe, ke, ve, mask=mask, causal=causal, keep=cpu_keep)
+    eo.backward(dout)
+    err = lambda a, b: (a.cpu().double() - b).abs().max().item()
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(rl))
+    assert err(out, ro) <= 2 * err(eo, ro) + 1e-6
+    for got, eager, want in ((dq, qe.grad, rdq), (dk, ke.grad, rdk), (dv, ve.grad, rdv)):
+        assert err(got, want) <= 3 * err(eager, want) + 1e-6

@@ -229,13 +229,24 @@ def test_gpu_verification_summary(bench_modules):
          "kernels": [["softmax", "cuda", "cuda"]]},
         {"nodeid": "tests/test_x.py::d", "file": "tests/test_x.py", "outcome": "skipped", "kernels": []},
     ]
+    records.append({"collected": [r["nodeid"] for r in records]})
     s = gv.summarize(records, "Fake GPU", date="2026-01-01")
     soft = s["ops"]["softmax"]
     assert soft["triton"]["status"] == "passed" and soft["triton"]["tests_passed"] == 1
     assert soft["cuda"]["status"] == "failed" and soft["cuda"]["failing"] == ["tests/test_softmax.py::b"]
     assert "reference" not in soft or soft["reference"]["status"] == "not exercised"  # CPU calls are no GPU evidence
     assert soft["triton"]["device"] == "Fake GPU" and soft["triton"]["date"] == "2026-01-01"
-    assert s["groups"]["tests/test_softmax.py"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 0}
-    cut = gv.summarize(records[:1], "Fake GPU", complete=False)
-    assert cut["ops"]["softmax"]["triton"]["status"] == "incomplete"
+    assert s["groups"]["tests/test_softmax.py"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 0, "not run": 0}
+    assert s["complete"]
     assert "| softmax | cuda | failed | 1 | 1 |" in gv.markdown(s)
+    # cut off after the first test: test_softmax.py did not finish, so triton's pass is not final
+    cut = gv.summarize(records[:1] + records[-1:], "Fake GPU")
+    assert cut["ops"]["softmax"]["triton"]["status"] == "incomplete" and not cut["complete"]
+    assert cut["groups"]["tests/test_softmax.py"]["not run"] == 2
+    # a file of another op that did not finish does not hold softmax back
+    other = records[:1] + [{"collected": [records[0]["nodeid"], "tests/test_attention.py::z"]}]
+    assert gv.summarize(other, "Fake GPU")["ops"]["softmax"]["triton"]["status"] == "passed"
+    # killed before the selection was recorded: nothing is final
+    assert gv.summarize(records[:1], "Fake GPU", complete=False)["ops"]["softmax"]["triton"]["status"] == "incomplete"
+    assert gv._op_of_file("tests/test_linear_cross_entropy.py", ["cross_entropy", "linear_cross_entropy"]) \
+        == "linear_cross_entropy"

@@ -1,8 +1,6 @@
 """fastlm.ops.varlen_attention (packed sequences) against float64 attention per sequence,
 and against the padded op on the same sequences."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,18 +8,7 @@ import torch
 from fastlm.ops.attention import attention, varlen_attention
 
 
-def _sibling(name: str):
-    """Load a sibling test module's helpers (pytest's importlib mode puts no test dir on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"_fastlm_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_padded = _sibling("test_attention")
-# Same targets (backend x device), poisoned allocations and tolerance check as the padded tests.
-target, poison, _no_tf32 = _padded.target, _padded.poison, _padded._no_tf32
-assert_close, assert_within_eager = _padded.assert_close, _padded.assert_within_eager
+from _attention_targets import _no_tf32, assert_close, assert_within_eager, poison, target  # noqa: F401
 
 
 def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0):

@@ -12,7 +12,7 @@
 // which at up to a few hundred KiB is still in L2: DRAM sees one read of the logits
 // and one write of the gradient.  bf16/fp16 are widened to fp32 block by block; all
 // arithmetic is fp32.  The hot loops are plain float loops with an inline polynomial
-// exp so the compiler vectorises them; target_clones adds an AVX2+FMA (haswell) copy picked at
+// exp so the compiler vectorises them; target_clones adds AVX-512 and AVX2 copies picked at
 // load time (the build itself uses no -march flag).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,13 +29,8 @@ namespace {
 constexpr int64_t kBlock = 1024;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Float compares may not trap here, so GCC may if-convert the clamps and selects
-// below and vectorise the loops (it will not under the default -ftrapping-math).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTLM_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FASTLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTLM_CLONES
 #endif
@@ -43,6 +38,15 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 #define FASTLM_INLINE inline __attribute__((always_inline))
 #else
 #define FASTLM_INLINE inline
+#endif
+
+// The hot loops.  Float compares may not trap in them, so GCC may if-convert the
+// clamps and selects and vectorise (it will not under the default -ftrapping-math).
+// They call no library function (std::max & co. would not be inlined across the
+// differing optimisation options).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
 #endif
 
 // exp(x) to ~2 ulp (Cephes expf polynomial), branch-free so loops over it vectorise;
@@ -68,7 +72,7 @@ FASTLM_INLINE float fast_exp(float x) {
 FASTLM_CLONES float block_max(const float* x, int64_t n) {
   float m = -kInf;
 #pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
@@ -91,6 +95,10 @@ FASTLM_CLONES void block_grad(const float* x, float* g, int64_t n, float lse, fl
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) g[i] = fast_exp(x[i] - lse) * p_scale - uniform;
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 template <typename T>
 inline const float* widen(const T* src, float* buf, int64_t n) {

@@ -22,8 +22,10 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,8 @@ from pathlib import Path
 from fastlm.finetune.data import FinetuneError
 
 DEFAULT_OUTPUT_DIR = "fastlm-finetune"
-DEMO_MAX_STEPS = 40        # the no-argument demo: both runs in a few minutes on 2 CPU cores
-MAX_EVAL_EXAMPLES = 100
+DEMO_MAX_STEPS = 30        # the no-argument demo: both runs in a few minutes on 2 CPU cores
+MAX_EVAL_EXAMPLES = 64
 DEFAULT_LR = {"mlm": 1e-4, "classify": 5e-5}
 
 __all__ = ["main", "run", "FinetuneError", "Outcome"]
@@ -140,6 +142,7 @@ class _OutputDir:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    previous = _sigterm_as_interrupt()
     try:
         run(sys.argv[1:] if argv is None else argv)
     except FinetuneError as exc:
@@ -150,7 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:   # --help
         return exc.code if isinstance(exc.code, int) else 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """``kill`` cleans up like Ctrl-C (main thread only; returns the handler to restore)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def run(argv: list[str]) -> Outcome:

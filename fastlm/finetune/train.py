@@ -30,7 +30,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from fastlm.finetune.data import FinetuneError
 
-EVAL_POINTS = 3          # evaluations during training (plus one before it)
+EVAL_POINTS = 2          # evaluations during training, the last at the end (plus one before it)
 WARMUP_STEPS_EXCLUDED = 1  # first step (allocator / kernel warm-up) left out of the speed numbers
 
 

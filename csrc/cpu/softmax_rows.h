@@ -1,0 +1,283 @@
+// The CPU softmax row kernels (vector-extension code), included by softmax.cpp once per
+// instruction set: inside `namespace base_isa` and, on x86, inside `namespace avx2_isa`
+// under `#pragma GCC target("avx2,fma,f16c")` (which also defines __F16C__, selecting
+// hardware fp16 conversions).  No include guard on purpose; it relies on the types and
+// includes that softmax.cpp declares before including it.
+
+FASTLM_INLINE f8 splat(float v) { return f8{} + v; }
+// memcpy of `cnt` of `full` bytes: constant-size (one vector move) for whole vectors,
+// a library call only for a row's tail.
+FASTLM_INLINE void copy_part(void* dst, const void* src, int cnt, int full, int elem) {
+  if (cnt == full) std::memcpy(dst, src, size_t(full) * elem);
+  else std::memcpy(dst, src, size_t(cnt) * elem);
+}
+// Lane-wise select: m is a comparison result (all ones / all zeros per lane).
+template <class V>
+FASTLM_INLINE V sel(i8 m, V a, V b) { return (V)(((i8)a & m) | ((i8)b & ~m)); }
+FASTLM_INLINE i8 lanes_below(int cnt) { return (i8)(i8{0, 1, 2, 3, 4, 5, 6, 7} < cnt); }
+
+// ------------------------------------------------------------- element conversions
+// Loads of cnt < W elements leave the other lanes 0; stores write cnt elements.
+FASTLM_INLINE f8 to_f8(F32, const float* p, int cnt) {
+  f8 v{};
+  copy_part(&v, p, cnt, W, sizeof(float));
+  return v;
+}
+FASTLM_INLINE h8 load_h8(const uint16_t* p, int cnt) {
+  h8 v{};
+  copy_part(&v, p, cnt, W, sizeof(uint16_t));
+  return v;
+}
+FASTLM_INLINE f8 to_f8(Bf16, const uint16_t* p, int cnt) {
+  return (f8)(__builtin_convertvector(load_h8(p, cnt), u8) << 16);
+}
+#if defined(__F16C__)
+FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) { return (f8)_mm256_cvtph_ps((__m128i)load_h8(p, cnt)); }
+#else
+FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
+  // Shift exponent+mantissa into float position and rebias by 2^112 (127 - 15): exact
+  // for normals and subnormals; inf/nan get the all-ones exponent put back.
+  const u8 h = __builtin_convertvector(load_h8(p, cnt), u8);
+  const u8 em = (h & 0x7fffu) << 13;
+  u8 bits = (u8)((f8)em * 0x1.0p+112f);
+  bits |= (u8)(em >= (0x7c00u << 13)) & 0x7f800000u;
+  return (f8)(bits | ((h & 0x8000u) << 16));
+}
+
+#endif
+
+FASTLM_INLINE void store(F32, float* p, f8 v, int cnt) { copy_part(p, &v, cnt, W, sizeof(float)); }
+FASTLM_INLINE void store_h8(uint16_t* p, u8 v, int cnt) {
+  const h8 h = __builtin_convertvector(v, h8);
+  copy_part(p, &h, cnt, W, sizeof(uint16_t));
+}
+FASTLM_INLINE void store(Bf16, uint16_t* p, f8 f, int cnt) {
+  const u8 u = (u8)f;
+  const u8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  store_h8(p, sel((i8)(f != f), u8{} + 0x7fc0u, rounded), cnt);
+}
+#if defined(__F16C__)
+FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
+  const __m128i h = _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  copy_part(p, &h, cnt, W, sizeof(uint16_t));
+}
+#else
+FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
+  // Round-to-nearest-even fp32 -> fp16 by letting the FPU round at the right bit
+  // position (the method of the FP16 library, which c10::Half also uses).
+  const u8 w = (u8)f;
+  const u8 shl1_w = w + w;
+  const u8 sign = w & 0x80000000u;
+  u8 bias = shl1_w & 0xff000000u;
+  bias = sel((i8)(bias < 0x71000000u), u8{} + 0x71000000u, bias);
+  f8 base = ((f8)(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  base = (f8)((bias >> 1) + 0x07800000u) + base;
+  const u8 bits = (u8)base;
+  const u8 nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  store_h8(p, (sign >> 16) | sel((i8)(shl1_w > 0xff000000u), u8{} + 0x7e00u, nonsign), cnt);
+}
+
+#endif
+
+// exp(x) for x <= 0 (softmax arguments are z - max): exp(x) = 2^k * exp(r) with
+// r = x - k ln2, |r| <= ln2/2, Cephes' degree-6 polynomial (< 1e-7 relative error).
+// x < -87.3 (result near the smallest normal float) gives exactly 0, so -inf -> 0;
+// NaN stays NaN.
+FASTLM_INLINE f8 exp_nonpos(f8 x) {
+  f8 xc = sel((i8)(x > 0.f), f8{}, x);
+  xc = sel((i8)(xc < -87.3f), splat(-87.3f), xc);
+  const f8 k = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  f8 r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const f8 two_k = (f8)((__builtin_convertvector(k, i8) + 127) << 23);
+  return sel((i8)(x < -87.3f), f8{}, p * two_k);
+}
+
+FASTLM_INLINE float hmax(f8 v) {
+  float m = v[0];
+  for (int k = 1; k < W; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// Sums of thousands of terms accumulate in double (a float sum would be off by
+// ~1e-6 relative, several times PyTorch's error): float partials per lane over at
+// most 16 vectors, flushed into double lanes.
+struct DoubleSum {
+  double acc[W] = {};
+  f8 part{};
+  int pending = 0;
+  FASTLM_INLINE void add(f8 v) {
+    part += v;
+    if (++pending == 16) flush();
+  }
+  FASTLM_INLINE void flush() {
+    for (int k = 0; k < W; ++k) acc[k] += part[k];
+    part = f8{};
+    pending = 0;
+  }
+  FASTLM_INLINE double total() {
+    flush();
+    double t = 0.0;
+    for (int k = 0; k < W; ++k) t += acc[k];
+    return t;
+  }
+};
+
+// ------------------------------------------------------------------------- dropout
+template <class U>
+FASTLM_INLINE U mix64(U z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Row `row`'s multipliers (0 or 1/(1-p)) for columns [0, n) into mult (padded to W).
+// Column 2j takes the low and 2j+1 the high half of mix64(key + j * golden); on a
+// little-endian machine a vector of 4 hashes read as 8 uint32 is columns 2j..2j+7.
+FASTLM_INLINE void row_multipliers(const Dropout& d, int64_t row, int64_t n, float* mult) {
+  const uint64_t key = mix64(d.seed + uint64_t(row) * kGolden);
+  for (int64_t c = 0; c < n; c += W) {
+    const q4 j = q4{0, 1, 2, 3} + uint64_t(c / 2);
+    const u8 r = (u8)mix64(key + j * kGolden);
+    const f8 m = sel((i8)(r >= d.threshold), splat(d.keep_scale), f8{});
+    std::memcpy(mult + c, &m, sizeof(m));
+  }
+}
+
+// ---------------------------------------------------------------------------- mask
+// The mask row as additive fp32 values (bool: 0 keep / -inf drop) into madd.
+template <class Tag>
+FASTLM_INLINE void load_mask_row(const MaskView& m, int64_t base, int64_t n, float* madd) {
+  const int64_t s = m.s3;
+  if (m.is_bool) {
+    const bool* p = static_cast<const bool*>(m.data) + base;
+    if (s != 1) {
+      for (int64_t c = 0; c < n; ++c) madd[c] = p[c * s] ? 0.f : kNegInf;
+      return;
+    }
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      b8 b{};
+      copy_part(&b, p + c, cnt, W, 1);
+      const f8 v = sel((i8)(__builtin_convertvector(b, i8) != 0), f8{}, splat(kNegInf));
+      std::memcpy(madd + c, &v, sizeof(v));
+    }
+  } else {
+    using S = typename Tag::storage;
+    const S* p = static_cast<const S*>(m.data) + base;
+    if (s != 1) {
+      for (int64_t c = 0; c < n; ++c) madd[c] = to_f8(Tag{}, p + c * s, 1)[0];
+      return;
+    }
+    for (int64_t c = 0; c < n; c += W) {
+      const f8 v = to_f8(Tag{}, p + c, int(std::min<int64_t>(W, n - c)));
+      std::memcpy(madd + c, &v, sizeof(v));
+    }
+  }
+}
+
+FASTLM_INLINE f8 load_f8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FASTLM_INLINE void store_f8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// --------------------------------------------------------------------- row kernels
+template <class Tag>
+void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const int64_t padded = (n + W - 1) / W * W;
+  // Scratch rows (fp32, padded to whole vectors): z then exp(z - max), the additive
+  // mask (0 without one), the dropout multipliers.
+  std::vector<float> scratch(3 * padded, 0.f);
+  float* z = scratch.data();
+  float* madd = z + padded;
+  float* mult = madd + padded;
+  int64_t mask_base = -1;  // mask rows repeat across heads / queries: reload only on change
+  const f8 scale = splat(a.scale);
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = a.x + r * n;
+    auto* outr = a.out + r * n;
+    if (a.mask.data != nullptr) {
+      const int64_t b = a.mask.base(r);
+      if (b != mask_base) load_mask_row<Tag>(a.mask, b, n, madd);
+      mask_base = b;
+    }
+    // Pass 1 (reads x): z = x * scale + mask, running max; padding lanes are -inf.
+    f8 mx = splat(kNegInf);
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      f8 v = to_f8(Tag{}, xr + c, cnt) * scale + load_f8(madd + c);
+      if (cnt < W) v = sel(lanes_below(cnt), v, splat(kNegInf));
+      store_f8(z + c, v);
+      mx = sel((i8)(v > mx), v, mx);
+    }
+    const float row_max = hmax(mx);
+    if (row_max == kNegInf) {  // fully masked (or all -inf) row: zeros, documented exception
+      std::memset(static_cast<void*>(outr), 0, n * sizeof(*outr));
+      if (a.probs) std::memset(static_cast<void*>(a.probs + r * n), 0, n * sizeof(*outr));
+      continue;
+    }
+    // Pass 2 (scratch only): exp and sum.
+    DoubleSum sum;
+    const f8 m8 = splat(row_max);
+    for (int64_t c = 0; c < padded; c += W) {
+      const f8 e = exp_nonpos(load_f8(z + c) - m8);
+      store_f8(z + c, e);
+      sum.add(e);
+    }
+    const f8 inv = splat(float(1.0 / sum.total()));  // sum >= 1: the max contributes exp(0)
+    // Pass 3 (writes out, and probs with dropout).
+    if (a.drop.on) {
+      auto* pr = a.probs + r * n;
+      row_multipliers(a.drop, r, n, mult);
+      for (int64_t c = 0; c < n; c += W) {
+        const int cnt = int(std::min<int64_t>(W, n - c));
+        const f8 y = load_f8(z + c) * inv;
+        store(Tag{}, pr + c, y, cnt);
+        store(Tag{}, outr + c, y * load_f8(mult + c), cnt);
+      }
+    } else {
+      for (int64_t c = 0; c < n; c += W) store(Tag{}, outr + c, load_f8(z + c) * inv, int(std::min<int64_t>(W, n - c)));
+    }
+  }
+}
+
+template <class Tag>
+void backward_rows(const BackwardArgs<Tag>& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const int64_t padded = (n + W - 1) / W * W;
+  std::vector<float> scratch(2 * padded, 1.f);
+  float* g = scratch.data();
+  float* mult = g + padded;  // stays 1 without dropout
+  const f8 scale = splat(a.scale);
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* gr = a.grad + r * n;
+    const auto* yr = a.y + r * n;
+    auto* dxr = a.dx + r * n;
+    if (a.drop.on) row_multipliers(a.drop, r, n, mult);
+    // Pass 1: g = grad * keep / (1 - p) into scratch, dot = sum(g * y) (loads past n are 0).
+    DoubleSum dot;
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      const f8 gv = to_f8(Tag{}, gr + c, cnt) * load_f8(mult + c);
+      store_f8(g + c, gv);
+      dot.add(gv * to_f8(Tag{}, yr + c, cnt));
+    }
+    // Pass 2: dx = scale * y * (g - dot)  (y re-read from cache).
+    const f8 d8 = splat(float(dot.total()));
+    for (int64_t c = 0; c < n; c += W) {
+      const int cnt = int(std::min<int64_t>(W, n - c));
+      store(Tag{}, dxr + c, scale * to_f8(Tag{}, yr + c, cnt) * (load_f8(g + c) - d8), cnt);
+    }
+  }
+}
+
