@@ -171,7 +171,7 @@ def sdpa_providers(quadratic_skip) -> list[Provider]:
 
 def _fastlm_call(varlen: bool):
     def call(inputs, backend):
-        from fastlm.ops import attention, varlen_attention
+        from fastlm.ops.attention import attention, varlen_attention
 
         if varlen:
             return varlen_attention(inputs["qp"], inputs["kp"], inputs["vp"], inputs["cu"], inputs["cu"],
@@ -184,9 +184,9 @@ def _fastlm_call(varlen: bool):
 def fastlm_attention_providers(quadratic_skip) -> list[Provider]:
     def skip(case, device, backend):
         try:
-            import fastlm.ops  # noqa: F401
+            import fastlm.ops.attention  # noqa: F401
         except Exception as exc:
-            return f"fastlm.ops not importable: {type(exc).__name__}: {exc}"
+            return f"fastlm.ops.attention not importable: {type(exc).__name__}: {exc}"
         return quadratic_skip(case, device) if backend == "reference" else None
 
     providers = []

@@ -19,11 +19,22 @@ Cases
   provider here, the baseline).
   ``fastlm-<backend>`` keeps only the labelled tokens (sparse prediction), runs the same
   transform on them, then ``fastlm.ops.linear_cross_entropy`` (chunked decoder + fused
-  CE: no (T, V) logits).  Compare time and ``peak_mb`` (on CPU a sampled-RSS lower bound).
+  CE: no (T, V) logits).  Compare time and ``peak_mb``.
+
+CPU memory: the harness's CPU ``peak_mb`` samples RSS growth inside a process whose
+allocator already holds freed blocks, so a provider that reuses them reads ~0.  For the
+MLM cases on CPU this script therefore also runs each provider once (forward+backward)
+in a fresh child process with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every block
+over 64 KiB is mapped on allocation and unmapped on free, so RSS follows live memory),
+after a warm-up on 64 tokens, and reports the sampled RSS peak over the inputs
+(``cpu_fresh_peak_mb``, appended to ``bench/results/cross_entropy_cpu_memory.csv|json``).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -111,17 +122,75 @@ def providers() -> list[Provider]:
     return [Provider("torch", _torch), *harness.fastlm_providers(_fastlm)]
 
 
+def _memory_child(case_name: str, provider_name: str, dtype: torch.dtype) -> None:
+    """Child process: one forward+backward of one MLM provider; prints its RSS peak (MiB)."""
+    hidden = int(case_name.split("-h")[1])
+    fn = {p.name: p.fn for p in providers()}[provider_name]
+
+    def step(case):
+        inputs = case.make_inputs(torch.device("cpu"))
+        leaves = [inputs[name].requires_grad_() for name in case.grad]
+        with harness._RssPeak() as probe:
+            torch.autograd.grad(fn(inputs), leaves)
+        return probe.growth
+
+    step(mlm_case(64, hidden, dtype))  # warm-up: libraries, kernels, lazy imports
+    print(json.dumps({"peak_mb": step(mlm_case(int(case_name[3:].split("-")[0]), hidden, dtype)) / 2**20}))
+
+
+def cpu_fresh_memory(cases: list[Case], names: list[str], dtype: torch.dtype, results_dir, record: bool) -> None:
+    """Fresh-process CPU peak memory of every MLM case x provider (see the module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    for case in (c for c in cases if c.name.startswith("mlm")):
+        base = None
+        for name in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", case.name, name,
+                   "--dtype", str(dtype).replace("torch.", "")]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode or not lines:
+                reason = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                rows.append({"case": case.name, "provider": name, "status": "error", "reason": reason})
+                continue
+            peak = json.loads(lines[-1])["peak_mb"]
+            base = peak if name == "torch" else base
+            rows.append({"case": case.name, "provider": name, "status": "ok", "cpu_fresh_peak_mb": round(peak, 1),
+                         "vs_torch": round(peak / base, 3) if base else None, **case.params})
+    print("\nCPU peak memory, forward+backward, fresh process (MiB over the inputs; x = vs torch):\n")
+    print("| case | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for case_name in dict.fromkeys(r["case"] for r in rows):
+        cells = []
+        for name in names:
+            r = next(r for r in rows if r["case"] == case_name and r["provider"] == name)
+            cells.append(f"{r['cpu_fresh_peak_mb']:.0f} ({r['vs_torch']}x)" if r["status"] == "ok" else r["reason"])
+        print(f"| {case_name} | " + " | ".join(cells) + " |")
+    if record and rows:
+        meta = harness.environment(torch.device("cpu"))
+        harness.Recorder("cross_entropy_cpu_memory", results_dir).write(
+            [{**r, "timestamp": meta["timestamp"], "commit": meta["commit"]} for r in rows], meta, {})
+
+
 def main(argv=None) -> int:
     parser = harness.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--no-fresh-memory", action="store_true", help="skip the CPU fresh-process memory runs")
+    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "PROVIDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        _memory_child(*args.memory_child, getattr(torch, args.dtype or "float32"))
+        return 0
     kwargs = harness.run_kwargs(args)
     device = torch.device(args.device) if args.device else harness.default_device()
     kwargs["device"] = device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = "quick" if args.quick else "gpu-check" if args.gpu_check else "full"
-    harness.run("cross_entropy", cases_for(preset, dtype), harness.select_providers(providers(), args.providers),
-                baseline="torch", **kwargs)
+    cases = cases_for(preset, dtype)
+    chosen = harness.select_providers(providers(), args.providers)
+    harness.run("cross_entropy", cases, chosen, baseline="torch", **kwargs)
+    if device.type == "cpu" and not args.no_fresh_memory:
+        names = [p.name for p in chosen if p.skip_reason(cases[-1], device, "full") is None]
+        cpu_fresh_memory(cases, names, dtype, args.results_dir, not args.no_record)
     return 0
 
 

@@ -48,6 +48,18 @@ def _device_of(args, kwargs) -> str:
     return "?"
 
 
+def _load_ops() -> list[str]:
+    """``registry.ops()``, after resolving fastlm.ops' public functions through its lazy
+    ``__getattr__``: importing the op modules by name first (as ``registry.ops()`` does)
+    would leave e.g. ``fastlm.ops.softmax`` bound to the submodule, not the function."""
+    import fastlm.ops
+    from fastlm import registry
+
+    for name in getattr(fastlm.ops, "__all__", ()):
+        getattr(fastlm.ops, name)
+    return registry.ops()
+
+
 class _Recorded:
     """Stands in for one kernel: notes (op, backend, device) when called, else delegates."""
 
@@ -83,15 +95,9 @@ def pytest_configure(config):
     import inspect
 
     try:
-        import fastlm.ops
         from fastlm import _ext, registry
 
-        # Resolve the public functions first, through fastlm.ops' lazy __getattr__: importing
-        # an op module by name afterwards (registry.ops()) then cannot leave the submodule,
-        # e.g. fastlm.ops.softmax the module, where the function should be.
-        for name in getattr(fastlm.ops, "__all__", ()):
-            getattr(fastlm.ops, name)
-        ops = registry.ops()
+        ops = _load_ops()
     except Exception as exc:  # the records then show no kernels; the tests themselves will fail
         print(f"gpu_verification: fastlm not importable ({exc}); no kernel evidence", file=sys.stderr)
         return
@@ -169,7 +175,7 @@ def _registered_gpu_rows() -> list[tuple[str, str]]:
     try:
         from fastlm import registry
 
-        return [(op, b) for op in registry.ops() for b, impl in registry.table(op).items()
+        return [(op, b) for op in _load_ops() for b, impl in registry.table(op).items()
                 if registry.BACKENDS[b].runs_on_gpu]
     except Exception:
         return []

@@ -24,7 +24,7 @@ TOL = {"atol": 2e-2, "rtol": 2e-2} if GPU else {"atol": 1e-4, "rtol": 1e-4}
 
 def _op(name):
     try:
-        return getattr(importlib.import_module("fastlm.ops"), name)
+        return getattr(importlib.import_module(f"fastlm.ops.{name}"), name)
     except Exception as exc:  # the op module has not landed, or fastlm is broken
         pytest.skip(f"fastlm.ops.{name} not importable: {type(exc).__name__}: {exc}")
 

@@ -64,24 +64,26 @@ def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int])
 
 def _pruner(acc_rows: str, max_acc_regs: int) -> dict:
     """Config pruning for one kernel, by head dim and dtype: operand tiles of at most
-    32 KiB (128 x 128 fp16) so the K/V pipeline fits in shared memory, and at most
+    32 KiB (128 x 128 fp16; fp32 counts double, as tf32x3 stages split copies of its
+    operands) so the K/V pipeline fits in shared memory, and at most
     ``max_acc_regs`` fp32 registers per thread for each ``acc_rows x BLOCK_D``
     accumulator.  The limits come from ptxas register / spill reports of sm_90 builds
     (64 for the forward, whose only other resident tile is Q; 32 for the backward
     kernels, which keep two more input tiles resident; halved with dropout, whose
     Philox rounds need registers of their own).  If nothing fits, the config with the
-    fewest accumulator registers is kept."""
+    smallest tiles, then the fewest accumulator registers, is kept."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
         limit = max_acc_regs // 2 if kwargs["DROPOUT"] else max_acc_regs
-        row_bytes = block_d * named_args["Q"].element_size()
+        size = named_args["Q"].element_size()
+        row_bytes = block_d * (2 * size if size == 4 else size)
 
         def acc_regs(c):
             return c.kwargs[acc_rows] * block_d / (32 * c.num_warps)
 
         fits = [c for c in configs
                 if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * row_bytes <= 32768 and acc_regs(c) <= limit]
-        return fits or [min(configs, key=acc_regs)]
+        return fits or [min(configs, key=lambda c: (max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), acc_regs(c)))]
 
     return {"early_config_prune": prune}
 
@@ -159,14 +161,29 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _causal_key_end(start_m, len_q, len_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any query of block ``start_m`` can see."""
+def _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[lo, hi)``: the keys any query of block ``start_m`` can see, ``lo`` a multiple of
+    ``BLOCK_N``.  With a padding mask, a scan of the mask row (``len_k`` bytes, against
+    ``len_k * D * 4`` bytes of K and V) trims the padded keys at both ends, so padded
+    batches skip their padding's matmuls (a row with no key at all gets lo >= hi)."""
+    lo = 0
+    hi = len_k
+    if HAS_MASK:
+        first = tl.full([], 0, tl.int32) + len_k
+        last = tl.full([], -1, tl.int32)
+        for start in range(0, len_k, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            keep = tl.load(kpm + j * stride_mn, mask=j < len_k, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(keep, j, len_k), 0))
+            last = tl.maximum(last, tl.max(tl.where(keep, j, -1), 0))
+        lo = (first // BLOCK_N) * BLOCK_N
+        hi = last + 1
     if CAUSAL == 1:
-        return tl.minimum(len_k, (start_m + 1) * BLOCK_M)
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
     elif CAUSAL == 2:
-        return tl.minimum(len_k, (start_m + 1) * BLOCK_M + (len_k - len_q))
-    else:
-        return len_k
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + (len_k - len_q))
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- forward
@@ -211,8 +228,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
         kv_ok = kj < len_k
         kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
@@ -330,11 +347,15 @@ def _attn_bwd_dkdv(
         lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
     elif CAUSAL == 2:
         lo = (tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0) // BLOCK_M) * BLOCK_M
+    q_end = len_q
+    if HAS_MASK:  # a key block that is all padding: zero gradients, skip the loop
+        pad = tl.load(kpm + offs_n * stride_mn, mask=offs_n < len_k, other=0)
+        q_end = tl.where(tl.max(pad.to(tl.int32), 0) > 0, len_q, 0)
     for g in range(0, group):
         off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
         do_base = DO + off_b * stride_db + off_h * stride_dh + q_start * stride_dm
-        for start_m in range(lo, len_q, BLOCK_M):
+        for start_m in range(lo, q_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < len_q
             q_mask = row_ok[:, None] & d_ok[None, :]
@@ -407,8 +428,8 @@ def _attn_bwd_dq(
     kpm = KPM + off_b * stride_mb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
         kv_mask = (kj < len_k)[:, None] & d_ok[None, :]
         k = tl.load(k_base + kj[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)

@@ -250,3 +250,50 @@ def test_gpu_verification_summary(bench_modules):
     assert gv.summarize(records[:1], "Fake GPU", complete=False)["ops"]["softmax"]["triton"]["status"] == "incomplete"
     assert gv._op_of_file("tests/test_linear_cross_entropy.py", ["cross_entropy", "linear_cross_entropy"]) \
         == "linear_cross_entropy"
+
+
+# ------------------------------------------------------------------- bench_attention
+@pytest.fixture
+def bench_attention(bench_modules):
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_attention")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_attention_flop_count_and_length_mix(bench_attention):
+    ba = bench_attention
+    flops = ba.attention_flops([2, 3], heads=1, head_dim=1, causal=False)
+    assert flops["forward"] == 4 * (2 * 2 + 3 * 3) and flops["backward"] == 2.5 * flops["forward"]
+    assert ba.attention_flops([2, 3], 1, 1, causal=True)["forward"] == 4 * (3 + 6)  # n(n+1)/2 visible pairs
+    lengths = ba.bert_lengths(32, 512, 0.45, seed=1)
+    assert max(lengths) == 512 and min(lengths) >= round(0.1 * 512)
+    assert 0.3 < 1 - sum(lengths) / (32 * 512) < 0.55
+
+
+def test_attention_providers_compute_the_same_function(bench_attention):
+    """The bench feeds every padded provider equivalent inputs: eager, SDPA and fastlm agree."""
+    ba = bench_attention
+    providers = {p.name: p for p in ba.providers_for(8.0)}
+    for case in ba.cases_for("quick", torch.float32):
+        inputs = case.make_inputs(torch.device("cpu"))
+        expected = providers["torch"].fn(inputs)
+        got = {"sdpa": providers["sdpa"].fn(inputs), "sdpa-math": providers["sdpa-math"].fn(inputs)}
+        if providers["fastlm-reference"].skip_reason(case, torch.device("cpu"), "forward") is None:
+            got["fastlm-reference"] = providers["fastlm-reference"].fn(inputs)
+        for name, out in got.items():
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"{case.name} {name}")
+        assert inputs["cu"][-1] == inputs["qp"].shape[0] == case.params["tokens"]
+
+
+def test_attention_bench_runs_with_torch_providers(bench_attention, harness, tmp_path):
+    ba = bench_attention
+    providers = harness.select_providers(ba.providers_for(8.0), "torch,sdpa,sdpa-cudnn,fastlm-cuda")
+    rows = harness.run("attention", ba.cases_for("quick", torch.float32)[:1], providers, device="cpu",
+                       warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1, ceilings=False, results_dir=tmp_path,
+                       progress=False, print_table=False, baseline="sdpa")
+    status = {(r["provider"], r["mode"]): r["status"] for r in rows}
+    assert all(status[(p, m)] == "ok" for p in ("torch", "sdpa") for m in harness.MODES)
+    assert status[("sdpa-cudnn", "forward")] == status[("fastlm-cuda", "full")] == "skipped"
+    assert rows[0]["tflops"] > 0 and rows[0]["tokens"] < rows[0]["batch"] * rows[0]["seq"]

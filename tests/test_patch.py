@@ -196,6 +196,36 @@ def test_packed_batch_kwargs():
     assert_close_rel(packed[0], padded[mask == 1], REL, "packed vs padded")
 
 
+def test_packed_batch_with_output_attentions_stays_per_sequence():
+    model = encoder("bert", "Model").eval()
+    fastlm.patch(model)
+    ids, mask = padded_batch([4, 6], seq=6)
+    flat = ids[mask == 1][None]
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(input_ids=flat, position_ids=torch.cat([torch.arange(4), torch.arange(6)])[None],
+                    cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6, output_attentions=True)
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    probs = out.attentions[0][0]  # (heads, 10, 10): no weight across the two sequences
+    assert probs[:, :4, 4:].abs().max() == 0 and probs[:, 4:, :4].abs().max() == 0
+    assert_close_rel(out.last_hidden_state[0], padded[mask == 1], REL, "packed with output_attentions")
+
+
+def test_explicit_backend_reaches_the_ops():
+    ref, new = twins(encoder("bert", "ForMaskedLM").train())
+    report = fastlm.patch(new, backend="reference")
+    assert report.backend == "reference"
+    assert all(m._fastlm_backend == "reference" for m in new.modules())
+    ids, mask = padded_batch(LENGTHS)
+    labels = mlm_labels(ids, mask)
+    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
+    fastlm.unpatch(new)
+    assert not any("_fastlm_backend" in m.__dict__ for m in new.modules())
+
+
 def test_output_attentions_and_4d_mask_fall_back_exactly():
     ref, new = twins(encoder("bert", "Model").eval())
     fastlm.patch(new)

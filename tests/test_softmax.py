@@ -246,6 +246,21 @@ def test_triton_online_kernels(request, monkeypatch):
     assert 0.55 < frac < 0.85
 
 
+def test_cpu_baseline_instruction_set_build(cpu_ext):
+    """The C++ kernels' baseline (non-AVX2) build, forced by FASTLM_CPU_BASELINE=1 in a
+    fresh process, passes the cpu cases of the numerical tests above."""
+    import os
+    import subprocess
+    import sys
+
+    selection = "cpu and (forward_with_masks or fp16_extremes or backward_matches or dropout_statistics)"
+    env = {**os.environ, "FASTLM_CPU_BASELINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
 # ----------------------------------------------------------- torch.library integration
 def test_opcheck(backend):
     x = rand_x(2, 3, 7)

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -37,6 +38,8 @@
 
 namespace {
 
+// The baseline build of softmax_rows.h passes 32-byte vectors between inlined helpers.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define FASTLM_INLINE inline __attribute__((always_inline))
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -118,14 +121,17 @@ namespace base_isa {
 #ifdef FASTLM_X86_CLONES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define FASTLM_ROWS_F16C 1  // (g++ does not update __F16C__ after a target pragma)
 namespace avx2_isa {
 #include "softmax_rows.h"
 }  // namespace avx2_isa
+#undef FASTLM_ROWS_F16C
 #pragma GCC pop_options
 
-bool cpu_has_avx2() {
+// FASTLM_CPU_BASELINE=1 forces the baseline build (the tests run it that way too).
+bool use_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") && std::getenv("FASTLM_CPU_BASELINE") == nullptr;
   return yes;
 }
 #endif
@@ -135,7 +141,7 @@ void run_rows(void (*base)(const Args&, int64_t, int64_t), void (*avx2)(const Ar
               const Args& a, int64_t rows) {
   auto fn = base;
 #ifdef FASTLM_X86_CLONES
-  if (cpu_has_avx2()) fn = avx2;
+  if (use_avx2()) fn = avx2;
 #else
   (void)avx2;
 #endif

@@ -1,7 +1,7 @@
 // The CPU softmax row kernels (vector-extension code), included by softmax.cpp once per
 // instruction set: inside `namespace base_isa` and, on x86, inside `namespace avx2_isa`
-// under `#pragma GCC target("avx2,fma,f16c")` (which also defines __F16C__, selecting
-// hardware fp16 conversions).  No include guard on purpose; it relies on the types and
+// under `#pragma GCC target("avx2,fma,f16c")` with FASTLM_ROWS_F16C defined (hardware
+// fp16 conversions).  No include guard on purpose; it relies on the types and
 // includes that softmax.cpp declares before including it.
 
 FASTLM_INLINE f8 splat(float v) { return f8{} + v; }
@@ -29,9 +29,13 @@ FASTLM_INLINE h8 load_h8(const uint16_t* p, int cnt) {
   return v;
 }
 FASTLM_INLINE f8 to_f8(Bf16, const uint16_t* p, int cnt) {
-  return (f8)(__builtin_convertvector(load_h8(p, cnt), u8) << 16);
+  // bf16 bits are the high half of the float: interleave zeros below them.
+  const h8 h = load_h8(p, cnt);
+  const h8 zero{};
+  typedef uint16_t h16 __attribute__((vector_size(32)));
+  return (f8)(h16)__builtin_shufflevector(zero, h, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15);
 }
-#if defined(__F16C__)
+#if defined(FASTLM_ROWS_F16C)
 FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) { return (f8)_mm256_cvtph_ps((__m128i)load_h8(p, cnt)); }
 #else
 FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
@@ -43,7 +47,6 @@ FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
   bits |= (u8)(em >= (0x7c00u << 13)) & 0x7f800000u;
   return (f8)(bits | ((h & 0x8000u) << 16));
 }
-
 #endif
 
 FASTLM_INLINE void store(F32, float* p, f8 v, int cnt) { copy_part(p, &v, cnt, W, sizeof(float)); }
@@ -53,10 +56,14 @@ FASTLM_INLINE void store_h8(uint16_t* p, u8 v, int cnt) {
 }
 FASTLM_INLINE void store(Bf16, uint16_t* p, f8 f, int cnt) {
   const u8 u = (u8)f;
-  const u8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  store_h8(p, sel((i8)(f != f), u8{} + 0x7fc0u, rounded), cnt);
+  const u8 rounded = u + 0x7fffu + ((u >> 16) & 1u);  // round to nearest even (high halves)
+  typedef uint16_t h16 __attribute__((vector_size(32)));
+  const h16 halves = (h16)sel((i8)(f != f), u8{} + 0x7fc00000u, rounded);
+  // The high 16 bits of each lane (little-endian: the odd halves) are the bf16 values.
+  const h8 h = __builtin_shufflevector(halves, halves, 1, 3, 5, 7, 9, 11, 13, 15);
+  copy_part(p, &h, cnt, W, sizeof(uint16_t));
 }
-#if defined(__F16C__)
+#if defined(FASTLM_ROWS_F16C)
 FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
   const __m128i h = _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   copy_part(p, &h, cnt, W, sizeof(uint16_t));
@@ -76,7 +83,6 @@ FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
   const u8 nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
   store_h8(p, (sign >> 16) | sel((i8)(shl1_w > 0xff000000u), u8{} + 0x7e00u, nonsign), cnt);
 }
-
 #endif
 
 // exp(x) for x <= 0 (softmax arguments are z - max): exp(x) = 2^k * exp(r) with

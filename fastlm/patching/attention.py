@@ -92,7 +92,11 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout:
 
     mask = attention_mask
     reason = None
-    if kwargs.get("output_attentions", False):
+    if cu_q is not None:  # packed and output_attentions: block-diagonal mask over the sequences
+        reason = "output_attentions=True needs the attention probabilities"
+        mask = _dense_mask(None, 1, seq_q, seq_k, causal, sliding_window, query.device,
+                           segments=(cu_q, kwargs.get("cu_seq_lens_k", cu_q)))
+    elif kwargs.get("output_attentions", False):
         reason = "output_attentions=True needs the attention probabilities"
     elif mask is not None and mask.dim() == 4:
         reason = "a 4D attention mask (custom, or a pattern beyond padding + causal)"
@@ -117,11 +121,24 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout:
     return (probs @ v).transpose(1, 2), probs
 
 
-def _dense_mask(padding, batch, seq_q, seq_k, causal, window, device):
-    """Bool ``(B or 1, 1, Sq, Sk)`` mask, True = attend: padding & bottom-right causal & window."""
+def _dense_mask(padding, batch, seq_q, seq_k, causal, window, device, segments=None):
+    """Bool ``(B or 1, 1, Sq, Sk)`` mask, True = attend: padding & bottom-right causal & window.
+
+    ``segments=(cu_seqlens_q, cu_seqlens_k)``: a packed batch; positions count from each
+    sequence's start and only same-sequence pairs attend.
+    """
     q_pos = torch.arange(seq_k - seq_q, seq_k, device=device)[:, None]
     k_pos = torch.arange(seq_k, device=device)[None, :]
     keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if segments is not None:
+        cu_q, cu_k = (c.to(device=device, dtype=torch.long) for c in segments)
+        seg_q = torch.searchsorted(cu_q[1:], torch.arange(seq_q, device=device), right=True)
+        seg_k = torch.searchsorted(cu_k[1:], torch.arange(seq_k, device=device), right=True)
+        keep = seg_q[:, None] == seg_k[None, :]
+        # bottom-right alignment within each sequence: offset by (len_k - len_q) per sequence
+        len_q, len_k = cu_q.diff(), cu_k.diff()
+        q_pos = (torch.arange(seq_q, device=device) - cu_q[seg_q] + (len_k - len_q)[seg_q])[:, None]
+        k_pos = (torch.arange(seq_k, device=device) - cu_k[seg_k])[None, :]
     if causal:
         keep = keep & (k_pos <= q_pos)
     if window is not None:
