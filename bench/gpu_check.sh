@@ -93,7 +93,7 @@ stage() {
     *) status="FAILED (exit $rc)" ;;
   esac
   printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >>"$LOGDIR/stages.tsv"
-  tail -n "${GPU_CHECK_TAIL:-8}" "$LOGDIR/$name.log"
+  tail -n "${GPU_CHECK_TAIL:-8}" "$LOGDIR/$name.log" | cut -c1-300
   echo "=== [$name] $status"
   return $rc
 }

@@ -35,10 +35,11 @@ API
     in this process (extension not built, no Triton, the Triton *interpreter*) is skipped
     with the registry's reason.
 ``run(name, cases, providers, modes=MODES, device=None, baseline=None, ...) -> list[dict]``
-    measures every (case, provider, mode), shows a tqdm bar, measures the ceilings once,
-    appends the rows to ``bench/results/<name>.csv`` and ``.json`` after each case (see
-    :class:`Recorder`; a run cut off by a time limit keeps its finished cases) and prints
-    a markdown table (``bench/report.py``) with speedups over ``baseline``.
+    measures every (case, provider, mode), shows a tqdm bar (a line per case when stderr
+    is not a terminal), measures the ceilings once, appends the rows to
+    ``bench/results/<name>.csv`` and ``.json`` after each case (see :class:`Recorder`; a
+    run cut off by a time limit keeps its finished cases) and prints a markdown table
+    (``bench/report.py``) with speedups over ``baseline``.
 ``measure_ceilings(device, matmul_dtype=None) -> dict``
     the device's copy bandwidth (GB/s, bytes read + written by one large copy) and matmul
     rate (TFLOP/s, a large bf16 matmul on GPU, fp32 on CPU), measured now, on random data.
@@ -583,9 +584,12 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
     rows = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(cases) * len(providers) * len(modes), desc=name, disable=not progress,
+    # A bar on a terminal; in a log file (gpu_check.sh) one line per finished case instead.
+    interactive = progress and sys.stderr.isatty()
+    bar = tqdm(total=len(cases) * len(providers) * len(modes), desc=name, disable=not interactive,
                file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    for case in cases:
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
         case_rows = []
         sets = None
         try:
@@ -608,6 +612,10 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
         if recorder is not None:
             recorder.write(case_rows, env, ceiling)
         rows += case_rows
+        if progress and not interactive:
+            ok = sum(r["status"] == "ok" for r in case_rows)
+            print(f"{name}: case {i + 1}/{len(cases)} {case.name}: {ok}/{len(case_rows)} measured "
+                  f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     bar.close()
     if print_table:
         sys.path.insert(0, str(BENCH_DIR)) if str(BENCH_DIR) not in sys.path else None

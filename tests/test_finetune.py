@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from fastlm import finetune  # noqa: E402
-from fastlm.finetune import train  # noqa: E402
+from fastlm.finetune import data, model, train  # noqa: E402
 
 TINY = ["--tiny-random-model", "--batch-size", "4", "--max-steps", "3", "--max-length", "48"]
 WORDS = ("the function returns a list of values from the given iterable and raises an error when "
@@ -128,10 +128,32 @@ def test_classify_csv_names_from_saved_model_replaces_previous_output(mlm_run, t
 def test_classify_jsonl_integer_labels(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"body": t, "y": i % 2}) + "\n" for i, t in enumerate(_sentences(20, 4))))
-    outcome = finetune.run([*TINY, "--task", "classify", "--data", str(data), "--text-column", "body",
-                            "--label-column", "y", "--output-dir", str(tmp_path / "out")])
+    outcome = finetune.run(["--tiny-random-model", "--batch-size", "4", "--epochs", "1", "--task", "classify",
+                            "--data", str(data), "--text-column", "body", "--label-column", "y",
+                            "--output-dir", str(tmp_path / "out")])
     assert outcome.report["labels"] == ["0", "1"]
     assert outcome.model.config.num_labels == 2
+    assert outcome.report["examples"] == {"train": 18, "eval": 2, "mean_tokens": pytest.approx(
+        outcome.report["examples"]["mean_tokens"]), "max_length": 128}
+    assert outcome.report["runs"]["fastlm"]["steps"] == 5     # one epoch: ceil(18 / 4)
+
+
+def test_default_corpus_and_mlm_examples():
+    corpus = data.stdlib_corpus()
+    assert len(corpus.texts) > 500 and all(len(t.split()) >= data.MIN_DOC_WORDS for t in corpus.texts)
+    texts = corpus.texts[:300]
+    tokenizer = model.random_bert(texts, "tiny", "test").tokenizer
+    examples = data.mlm_examples(texts, tokenizer, 64)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert max(lengths) <= 64 and min(lengths) < 48            # a mix of lengths, not all max
+    for e in examples:
+        assert e["input_ids"][0] == tokenizer.cls_token_id and e["input_ids"][-1] == tokenizer.sep_token_id
+        assert e["special_tokens_mask"][0] == e["special_tokens_mask"][-1] == 1
+        assert sum(e["special_tokens_mask"]) == 2 + e["input_ids"][1:-1].count(tokenizer.sep_token_id)
+    train_a, eval_a = data.split(examples, 7, 10)
+    train_b, eval_b = data.split(examples, 7, 10)
+    assert (train_a, eval_a) == (train_b, eval_b) and len(eval_a) == 10
+    assert len(train_a) + len(eval_a) == len(examples)
 
 
 def _bad_inputs(tmp: Path) -> dict:

@@ -283,6 +283,13 @@ def test_explicit_requests_that_cannot_be_honoured_raise():
         fastlm.patch(model, backend="nope")
     with pytest.raises(TypeError, match="PreTrainedModel"):
         fastlm.patch(torch.nn.Linear(2, 2))
+    from fastlm import registry
+
+    unavailable = [b for b in registry.BACKENDS if registry.BACKENDS[b].unavailable_reason()]
+    for name in unavailable:  # e.g. "cuda" in a CPU-only build
+        with pytest.raises(registry.BackendError, match=name):
+            fastlm.patch(model, backend=name)
+    assert model.config._attn_implementation == "sdpa"  # nothing was half-patched
 
 
 def test_unpatch_restores_bit_identical_outputs():

@@ -19,7 +19,7 @@ _ROWS = [
     ("perplexity after", "perplexity", "{:,.2f}", "ratio"),
     ("accuracy after", "accuracy", "{:.3f}", "diff"),
     ("padding in batches", "padding_fraction", "{:.1%}", None),
-    ("training wall time", "wall_time_s", "{:.1f} s", "ratio"),
+    ("train() wall time, with evals", "wall_time_s", "{:.1f} s", "ratio"),
 ]
 
 
@@ -84,14 +84,17 @@ def write_plot(folder: Path, runs: dict, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (label, run), color in zip(sorted(runs.items(), reverse=True), ("tab:red", "tab:blue")):
+    styles = {"unpatched": ("tab:red", "s"), "fastlm": ("tab:blue", "o")}
+    for label, run in sorted(runs.items(), reverse=True):
+        color, marker = styles[label]
         curves = run["curves"]
         if curves["loss"]:
             steps, losses = zip(*curves["loss"])
             loss_ax.plot(steps, losses, color=color, lw=1, alpha=0.8, label=f"{label} train")
         if curves["eval"]:
             steps, losses = [e[0] for e in curves["eval"]], [e[1] for e in curves["eval"]]
-            loss_ax.plot(steps, losses, "o--", color=color, label=f"{label} eval")
+            loss_ax.plot(steps, losses, "--", marker=marker, markersize=8 if marker == "s" else 5,
+                         color=color, label=f"{label} eval")
         speed = [tok / t for tok, t in zip(curves["tokens"], curves["step_time_s"]) if t > 0]
         speed_ax.plot(range(1, len(speed) + 1), speed, color=color, lw=1, label=label)
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="loss")

@@ -80,13 +80,14 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu_q is not None and not kwargs.get("output_attentions", False):
         if query.shape[0] != 1:
             raise ValueError(f"packed attention (cu_seq_lens_q given) needs batch size 1, got {query.shape[0]}")
-        if sliding_window is not None and sliding_window < _as_int(kwargs["max_length_k"]):
+        max_q = _as_int(kwargs["max_length_q"])
+        max_k = _as_int(kwargs.get("max_length_k", max_q))
+        if sliding_window is not None and sliding_window < max_k:
             raise NotImplementedError("fastlm attention: packed sequences with a sliding window are not served")
         cu_k = kwargs.get("cu_seq_lens_k", cu_q)
         out = varlen_attention(
             query[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-            cu_q.to(torch.int32), cu_k.to(torch.int32),
-            _as_int(kwargs["max_length_q"]), _as_int(kwargs.get("max_length_k", kwargs["max_length_q"])),
+            cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
             causal="bottom_right" if causal else False, dropout_p=dropout, scale=scaling, backend=backend)
         return out.unsqueeze(0), None
 
