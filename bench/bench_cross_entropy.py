@@ -2,7 +2,9 @@
 
     python bench/bench_cross_entropy.py               # GPU: the sizes
     python bench/bench_cross_entropy.py --gpu-check   # the short GPU run of bench/gpu_check.sh
-    python bench/bench_cross_entropy.py --quick       # CPU: small CE rows, MLM head at 4096 tokens
+    python bench/bench_cross_entropy.py --quick       # CPU: small shapes, a couple of minutes
+    python bench/bench_cross_entropy.py --cpu-targets # CPU: the MLM sizes (4096 tokens), full mode,
+                                                      #      plus fresh-process peak memory (~10 min on 2 cores)
     python bench/report.py bench/results/cross_entropy.csv
 
 Cases
@@ -82,13 +84,15 @@ def mlm_case(tokens: int, hidden: int, dtype: torch.dtype) -> Case:
 
 
 def cases_for(preset: str, dtype: torch.dtype) -> list[Case]:
-    if preset == "quick":  # CPU: small CE; the MLM head at the size (its CPU targets)
+    mlm = [(4096, 384), (4096, 768)]  # the targets
+    if preset == "quick":
+        ce, mlm = [(256, VOCAB)], [(1024, 384)]
+    elif preset == "cpu-targets":
         ce = [(256, VOCAB)]
     elif preset == "gpu-check":
         ce = [(8192, VOCAB), (512, 262144)]
     else:
         ce = [(4096, VOCAB), (16384, VOCAB), (32768, VOCAB), (2048, 262144)]
-    mlm = [(4096, 384), (4096, 768)]
     return [ce_case(n, v, dtype) for n, v in ce] + [mlm_case(t, h, dtype) for t, h in mlm]
 
 
@@ -174,7 +178,8 @@ def cpu_fresh_memory(cases: list[Case], names: list[str], dtype: torch.dtype, re
 def main(argv=None) -> int:
     parser = harness.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--no-fresh-memory", action="store_true", help="skip the CPU fresh-process memory runs")
+    parser.add_argument("--cpu-targets", action="store_true",
+                        help="CPU: the issue's MLM sizes, full mode, with fresh-process peak memory")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "PROVIDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -184,11 +189,13 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else harness.default_device()
     kwargs["device"] = device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    preset = "quick" if args.quick else "gpu-check" if args.gpu_check else "full"
+    preset = "cpu-targets" if args.cpu_targets else "quick" if args.quick else "gpu-check" if args.gpu_check else "full"
+    if preset in ("cpu-targets", "gpu-check") and args.modes == parser.get_default("modes"):
+        kwargs["modes"] = ("full",)  # the targets are forward+backward; keeps gpu_check.sh's budget
     cases = cases_for(preset, dtype)
     chosen = harness.select_providers(providers(), args.providers)
     harness.run("cross_entropy", cases, chosen, baseline="torch", **kwargs)
-    if device.type == "cpu" and not args.no_fresh_memory:
+    if device.type == "cpu" and preset == "cpu-targets":
         names = [p.name for p in chosen if p.skip_reason(cases[-1], device, "full") is None]
         cpu_fresh_memory(cases, names, dtype, args.results_dir, not args.no_record)
     return 0

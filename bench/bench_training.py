@@ -9,8 +9,8 @@ Full size: batch 16, max length 256 (``--quick``: batch 4, max length 64).
     python bench/bench_training.py                 # CPU here: MLM + classification
     python bench/bench_training.py --tasks mlm --providers hf-sdpa,fastlm
 
-Columns (harness mode "forward", where one call is one whole training step: the harness adds no backward): median step time, peak extra
-memory during a step (CPU: resident-set growth; this script re-executes itself with
+Columns (harness mode "forward", where one call is one whole training step: the harness
+adds no backward): median step time, peak extra memory during a step (CPU: resident-set growth; this script re-executes itself with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS and the numbers mean
 something), plus, printed after the table, tokens/s (real tokens, padding excluded) and
 each provider's first-step loss from the same weights on the same batch with dropout off
@@ -178,7 +178,7 @@ def first_step_loss(spec, work: Workload, batch: dict, device) -> float | None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     runner = prepare(model) if prepare is not None else model
-    return float(runner(**copy.deepcopy(batch)).loss)
+    return float(runner(**copy.deepcopy(batch)).loss.detach())
 
 
 def main(argv=None) -> int:
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     size = SIZES["quick" if args.quick else "full"]
     path = model_path(args.model)
     specs = provider_specs(device)
-    summary = {}
+    summary, all_rows = {}, []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         work = Workload(task, path, **size)
         sample = [work.make(device) for _ in range(8)]
@@ -210,13 +210,15 @@ def main(argv=None) -> int:
                     params={"task": task, "batch": size["batch"], "max_length": size["max_length"],
                             "real_tokens": round(real), "padding_share": round(1 - real / padded, 3)})
         rows = harness.run("training", [case], providers, baseline="hf-sdpa", **kwargs)
+        all_rows += rows
         state.clear()
         losses = {p.name: first_step_loss(specs[p.name], work, sample[0], device) for p in providers}
         summary[task] = {"padding_share": round(1 - real / padded, 3), "real_tokens_per_step": round(real),
                          "providers": {}}
         base = next((r for r in rows if r["provider"] == "hf-sdpa" and r.get("ms_median")), None)
         print(f"\n{task}: {real:.0f} real tokens per step, {100 * (1 - real / padded):.0f}% padding")
-        print("| provider | step s | tokens/s | speedup vs hf-sdpa | peak extra MB | memory vs hf-sdpa | first-step loss |")
+        print("| provider | step s | tokens/s | speedup vs hf-sdpa | peak extra MB | memory vs hf-sdpa "
+              "| first-step loss |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             ms, mb = r.get("ms_median"), r.get("peak_mb")
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import report
 
-        png = report.plot(report.latest(report.load(out / "training.json")), out / "training.png")
+        png = report.plot(all_rows, out / "training.png")  # every task of this invocation
         print(f"\nplot: {png}")
     return 0
 

@@ -24,7 +24,9 @@
 # and, when $OUT is set, copies gpu_check.md, gpu_verification.json and a tarball of the
 # results and every stage log (gpu_check_files.tar.gz) into $OUT (at most 8 files come back).
 set -u
-
+# The whole script is one brace group: bash parses it completely before running any of
+# it, so editing this file during a run cannot change the run.
+{
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 DRY=${GPU_CHECK_DRY_RUN:-0}
@@ -190,3 +192,7 @@ echo
 echo "logs: $LOGDIR   results: $RESULTS"
 echo
 cat "$MD"
+# Exit status: 0 only when every stage was ok.
+awk -F'\t' '$2 != "ok" {bad = 1} END {exit bad}' "$LOGDIR/stages.tsv"
+exit $?
+}

@@ -15,8 +15,8 @@ import torch
 import fastlm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _patch_models import (V, DECODER_CONFIGS, ENCODER_CONFIGS, assert_close_rel, assert_same_grads, decoder, encoder,  # noqa: E402
-                           mlm_labels, padded_batch, twins)
+from _patch_models import (DECODER_CONFIGS, ENCODER_CONFIGS, V, assert_close_rel,  # noqa: E402
+                           assert_same_grads, decoder, encoder, mlm_labels, padded_batch, twins)
 
 REL = 1e-5
 # ALBERT runs its one shared layer 3 times, so each of its gradients sums 3 contributions
@@ -320,6 +320,17 @@ def test_two_models_in_one_process_differ():
     assert a.config._attn_implementation == "sdpa" and b.config._attn_implementation == "fastlm"
     fresh = encoder("bert", "ForMaskedLM")
     assert fresh.config._attn_implementation == "sdpa" and "forward" not in fresh.__dict__
+
+
+def test_return_dict_false_gives_tuples():
+    ref, new = twins(encoder("bert", "ForMaskedLM").train())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS)
+    labels = mlm_labels(ids, mask)
+    a = ref(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    b = new(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(b, tuple) and len(b) == 1  # (loss,): logits is None in sparse mode
+    assert_close_rel(b[0].detach(), a[0].detach(), REL, "loss")
 
 
 def test_patch_twice_and_report_is_printable():

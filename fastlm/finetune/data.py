@@ -269,8 +269,8 @@ def mlm_examples(texts: list[str], tokenizer, max_length: int) -> list[dict]:
     for ids in examples:
         if len(ids) < 4:
             continue
-        out.append({"input_ids": prefix + ids + suffix,
-                    "special_tokens_mask": [1] * len(prefix) + [0] * len(ids) + [1] * len(suffix)})
+        out.append({"input_ids": prefix + ids + suffix,   # separators between packed pieces: never masked
+                    "special_tokens_mask": [1] * len(prefix) + [int(t in sep) for t in ids] + [1] * len(suffix)})
     if not out:
         raise FinetuneError("empty corpus: no usable text after tokenization")
     return out

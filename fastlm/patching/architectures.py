@@ -48,6 +48,11 @@ def _roberta_transform(m, h):
     return head.layer_norm(F.gelu(head.dense(h)))
 
 
+def _albert_transform(m, h):
+    head = m.predictions
+    return head.LayerNorm(head.activation(head.dense(h)))
+
+
 _ROBERTA_MLM = MaskedLMHead("roberta", _roberta_transform, lambda m: m.lm_head.decoder)
 
 FAMILIES = (
@@ -62,8 +67,7 @@ FAMILIES = (
            MaskedLMHead("distilbert", lambda m, h: m.vocab_layer_norm(m.activation(m.vocab_transform(h))),
                         lambda m: m.vocab_projector)),
     Family("ALBERT", ("albert",), "encoder",
-           MaskedLMHead("albert", lambda m, h: m.predictions.LayerNorm(m.predictions.activation(m.predictions.dense(h))),
-                        lambda m: m.predictions.decoder)),
+           MaskedLMHead("albert", _albert_transform, lambda m: m.predictions.decoder)),
     Family("Llama", ("llama",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Mistral", ("mistral",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Qwen2", ("qwen2",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),

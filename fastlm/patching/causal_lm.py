@@ -19,7 +19,10 @@ from fastlm.patching.mlm_head import IGNORE_INDEX, labelled_rows, linear_loss, o
 
 
 def patch_causal_lm(model, spec, backend: str) -> None:
-    """Bind the fused-loss forward on a ``*ForCausalLM`` instance (``spec``: :class:`~fastlm.patching.architectures.CausalLMHead`)."""
+    """Bind the fused-loss forward on a ``*ForCausalLM`` instance.
+
+    ``spec``: the family's :class:`~fastlm.patching.architectures.CausalLMHead`.
+    """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     def make(original):
@@ -33,7 +36,7 @@ def patch_causal_lm(model, spec, backend: str) -> None:
                 return original(*args, **kwargs)
             return_dict = named.pop("return_dict", None)
             if return_dict is None:
-                return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+                return_dict = getattr(self.config, "return_dict", True)
             shift_labels = named.pop("shift_labels", None)
             num_items = named.pop("num_items_in_batch", None)
             body = getattr(self, spec.body)(**named, return_dict=True)

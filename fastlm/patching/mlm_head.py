@@ -61,7 +61,10 @@ def output_like(output_cls, loss, base_outputs):
 
 
 def patch_masked_lm(model, spec, backend: str) -> None:
-    """Bind the sparse forward on a ``*ForMaskedLM`` instance; ``spec`` is its :class:`~fastlm.patching.architectures.MaskedLMHead`."""
+    """Bind the sparse forward on a ``*ForMaskedLM`` instance.
+
+    ``spec``: the family's :class:`~fastlm.patching.architectures.MaskedLMHead`.
+    """
     from transformers.modeling_outputs import MaskedLMOutput
 
     def make(original):
@@ -74,7 +77,7 @@ def patch_masked_lm(model, spec, backend: str) -> None:
                 return original(*args, **kwargs)
             return_dict = named.pop("return_dict", None)
             if return_dict is None:
-                return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+                return_dict = getattr(self.config, "return_dict", True)
             body = getattr(self, spec.body)(**named, return_dict=True)
             hidden, targets = labelled_rows(body[0], labels)
             loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend)
