@@ -199,13 +199,13 @@ def register(*impls: Implementation) -> None:
 def table(op: str) -> dict[str, Implementation]:
     """The registered implementations of ``op``, by backend name."""
     if op not in _TABLES:
-        importlib.import_module("fastlm.ops").load_all()  # op modules register on import
+        importlib.import_module("fastlm.ops")  # op modules register on import
     return _TABLES[op]
 
 
 def ops() -> list[str]:
     """Every registered op's name."""
-    importlib.import_module("fastlm.ops").load_all()
+    importlib.import_module("fastlm.ops")
     return sorted(_TABLES)
 
 

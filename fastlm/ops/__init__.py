@@ -2,35 +2,16 @@
 
 Each is a ``torch.library`` op (``fastlm::<name>``) with a fake implementation and
 registered autograd, dispatched per call to a backend (see :mod:`fastlm.registry`).
-Op modules are imported on first use, so ``import fastlm.ops`` stays cheap.
+Importing this package registers the ops; it loads no kernel module, compiled code or
+Triton (those load on the first call that needs them).
 """
-import importlib
+# The functions are imported eagerly on purpose: a module fastlm/ops/softmax.py and a
+# function softmax share a name, and only an eager import keeps ``fastlm.ops.softmax``
+# the function once the submodule has been imported.
+from fastlm.ops.attention import attention, varlen_attention
+from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastlm.ops.softmax import softmax
 
-# public function -> the module that defines and registers it
-OPS = {
-    "attention": "fastlm.ops.attention",
-    "varlen_attention": "fastlm.ops.attention",
-    "softmax": "fastlm.ops.softmax",
-    "cross_entropy": "fastlm.ops.cross_entropy",
-    "linear_cross_entropy": "fastlm.ops.linear_cross_entropy",
-}
+__all__ = ["attention", "varlen_attention", "softmax", "cross_entropy", "linear_cross_entropy"]
 
-__all__ = list(OPS)
-
-
-def load_all() -> None:
-    """Import every op module, registering every op and its backend table."""
-    for module in sorted(set(OPS.values())):
-        importlib.import_module(module)
-
-
-def __getattr__(name: str):
-    if name not in OPS:
-        raise AttributeError(f"module 'fastlm.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(OPS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(OPS))
