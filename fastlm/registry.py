@@ -15,10 +15,11 @@ Nothing here imports a kernel module, compiles, or queries a device.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -157,6 +158,10 @@ class Implementation:
         why = backend.unavailable_reason()
         if why:
             return [why]
+        if self.module == "fastlm_C":
+            why = _compiled_kernel_missing(f"{self.op}_forward", "CUDA" if self.backend == "cuda" else "CPU")
+            if why:
+                return [why]
         reasons = []
         devices = backend.devices()
         if devices and problem.device not in devices:
@@ -183,6 +188,15 @@ class Implementation:
         if not BACKENDS[self.backend].runs_on_gpu:
             return "tested on CPU"
         return f"verified on GPU: {self.verified}" if self.verified else "compiled, unverified"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel_missing(name: str, dispatch_key: str) -> str | None:
+    """A ``fastlm._C`` built from older sources may lack a kernel: say so instead of crashing."""
+    if not hasattr(_ext.kernels(), name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastlm_C::{name}", dispatch_key):
+        return f"fastlm._C has no {dispatch_key} kernel fastlm_C::{name} (rebuild the extension)"
+    return None
 
 
 _TABLES: dict[str, dict[str, Implementation]] = {}

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastlm import _ext, registry
+from fastlm import registry
 from fastlm.ops import _common
 from fastlm.registry import Implementation, Problem
 
@@ -24,20 +24,10 @@ _CAUSAL_CODES = {False: 0, True: 1, "bottom_right": 2}
 
 
 # --------------------------------------------------------------------------- backends
-def _compiled_kernel_missing(dispatch_key: str) -> list[str]:
-    """A ``fastlm._C`` built before its attention kernels existed lacks them: say so."""
-    name = f"fastlm_C::{OP}_forward"
-    if not hasattr(_ext.kernels(), f"{OP}_forward") or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            name, dispatch_key):
-        return [f"fastlm._C has no {dispatch_key} kernel {name} (rebuild the extension)"]
-    return []
-
-
 def _cpu_limits(problem: Problem) -> list[str]:
-    reasons = _compiled_kernel_missing("CPU")
     if problem["head_dim"] > 256:
-        reasons.append(f"head_dim {problem['head_dim']} > 256")
-    return reasons
+        return [f"head_dim {problem['head_dim']} > 256"]
+    return []
 
 
 def _triton_limits(problem: Problem) -> list[str]:
@@ -47,10 +37,9 @@ def _triton_limits(problem: Problem) -> list[str]:
 
 
 def _cuda_limits(problem: Problem) -> list[str]:
-    reasons = _compiled_kernel_missing("CUDA")
     if problem["head_dim"] not in (64, 128):
-        reasons.append(f"head_dim {problem['head_dim']} not in (64, 128)")
-    return reasons
+        return [f"head_dim {problem['head_dim']} not in (64, 128)"]
+    return []
 
 
 registry.register(
