@@ -12,7 +12,6 @@ import torch
 
 import fastlm
 
-sys.path.insert(0, os.path.dirname(__file__))
 from _patch_models import (assert_close_rel, assert_same_grads, decoder, encoder, mlm_labels,  # noqa: E402
                            padded_batch, twins)
 
@@ -241,7 +240,9 @@ def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+               OMP_NUM_THREADS="1", 
+               # the installed fastlm, never the source folder the tests run from
+               PYTHONPATH=os.environ.get("PYTHONPATH", ""))
     here = os.path.dirname(__file__)
     procs = [subprocess.Popen([sys.executable, str(script), here, str(tmp_path)], env=dict(env, RANK=str(r)))
              for r in range(2)]
