@@ -193,8 +193,10 @@ class Implementation:
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel_missing(name: str, dispatch_key: str) -> str | None:
     """A ``fastlm._C`` built from older sources may lack a kernel: say so instead of crashing."""
-    if not hasattr(_ext.kernels(), name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fastlm_C::{name}", dispatch_key):
+    # A kernel registered for the device, or one composite kernel for every device.
+    keys = (dispatch_key, "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    if not hasattr(_ext.kernels(), name) or not any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlm_C::{name}", key) for key in keys):
         return f"fastlm._C has no {dispatch_key} kernel fastlm_C::{name} (rebuild the extension)"
     return None
 

@@ -255,7 +255,8 @@ def test_cpu_baseline_instruction_set_build(cpu_ext):
 
     selection = "cpu and (forward_with_masks or fp16_extremes or backward_matches or dropout_statistics)"
     env = {**os.environ, "FASTLM_CPU_BASELINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+    # -P: no current folder on sys.path, so the installed fastlm is tested, not the source tree
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
