@@ -21,6 +21,8 @@ FLOOR = {torch.float32: 6e-8, torch.float16: 4.9e-4, torch.bfloat16: 3.9e-3, tor
 def _resolve_backend(request, name):
     if name == "cpu":
         request.getfixturevalue("cpu_ext")
+    if name == "triton" and fastlm.registry.BACKENDS["triton"].unavailable_reason():
+        pytest.skip(fastlm.registry.BACKENDS["triton"].unavailable_reason())
     if name == "triton" and not fastlm.registry.triton_interpreted():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (GPU runs: test_gpu_kernels)")
     return name
