@@ -45,3 +45,22 @@ def cpu_ext():
     if why:
         pytest.skip(why)
     return _ext.kernels()
+
+
+@pytest.fixture
+def poison():
+    """Every uninitialised allocation starts as NaN, so elements a kernel fails to write
+    show up: PyTorch's ``fill_uninitialized_memory`` (active in deterministic mode) makes
+    ``torch.empty*`` in Python and ``at::empty*`` in the C++/CUDA kernels fill floats with
+    NaN.  ``warn_only``: ops without a deterministic implementation still run."""
+    import warnings
+
+    old_mode, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deterministic.*")
+        yield
+    torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastlm.ops.cross_entropy import cross_entropy
+from _backends import CPU_TESTABLE, require_backend
 
 IGNORE = -100
 
@@ -41,15 +42,9 @@ def loss_and_grad(fn, logits, grad_seed=None):
     return loss.detach(), x.grad
 
 
-@pytest.fixture(params=["reference", "cpu", "triton"])
-def backend(request):
-    if request.param == "cpu":
-        ops = request.getfixturevalue("cpu_ext")
-        if not hasattr(ops, "cross_entropy_forward"):
-            pytest.skip("fastlm._C was built without the cross_entropy kernels")
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    return request.param
+@pytest.fixture(params=CPU_TESTABLE)
+def backend(request, poison):
+    return require_backend(request, "cross_entropy", request.param)
 
 
 def _labels(n, v, ignored=0.3, generator=None):

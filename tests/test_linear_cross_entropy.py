@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+from _backends import CPU_TESTABLE, require_backend
 
 IGNORE = -100
 
@@ -46,15 +47,9 @@ def assert_close_all(got, want, rtol, atol):
             torch.testing.assert_close(a.cpu().double(), b, rtol=rtol, atol=atol)
 
 
-@pytest.fixture(params=["reference", "cpu", "triton"])
-def backend(request):
-    if request.param == "cpu":
-        ops = request.getfixturevalue("cpu_ext")
-        if not hasattr(ops, "linear_cross_entropy_forward"):
-            pytest.skip("fastlm._C was built without the linear_cross_entropy kernels")
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    return request.param
+@pytest.fixture(params=CPU_TESTABLE)
+def backend(request, poison):
+    return require_backend(request, "linear_cross_entropy", request.param)
 
 
 def _inputs(n, h, v, bias=True, ignored=0.5, dtype=torch.float32):

@@ -11,26 +11,16 @@ import pytest
 import torch
 
 import fastlm
+from _backends import CPU_TESTABLE, require_backend
 from fastlm.ops import softmax
 
-CPU_BACKENDS = ["reference", "cpu", "triton"]
 # one unit in the last place at 1.0: what rounding the result to the dtype may cost
 FLOOR = {torch.float32: 6e-8, torch.float16: 4.9e-4, torch.bfloat16: 3.9e-3, torch.float64: 1e-15}
 
 
-def _resolve_backend(request, name):
-    if name == "cpu":
-        request.getfixturevalue("cpu_ext")
-    if name == "triton" and fastlm.registry.BACKENDS["triton"].unavailable_reason():
-        pytest.skip(fastlm.registry.BACKENDS["triton"].unavailable_reason())
-    if name == "triton" and not fastlm.registry.triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (GPU runs: test_gpu_kernels)")
-    return name
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    return _resolve_backend(request, request.param)
+@pytest.fixture(params=CPU_TESTABLE)
+def backend(request, poison):
+    return require_backend(request, "softmax", request.param)
 
 
 def expected(x, scale=1.0, mask=None, dim=-1):
@@ -84,7 +74,7 @@ def test_forward_with_masks_and_inf(backend, dtype, n):
 @pytest.mark.parametrize("backend_name, n", [("reference", 4097), ("reference", 70000), ("cpu", 4097),
                                               ("cpu", 70000), ("triton", 70000)])
 def test_long_rows(request, backend_name, n):
-    backend = _resolve_backend(request, backend_name)
+    backend = require_backend(request, "softmax", backend_name)
     rows = 1 if backend == "triton" else 3
     x = rand_x(rows, n, spread=4.0)
     mask = torch.rand(n) > 0.1
@@ -221,7 +211,7 @@ def test_dropout_statistics_consistency_and_seeding(backend):
 
 def test_triton_online_kernels(request, monkeypatch):
     """The long-row (online, chunked) Triton kernels, on rows made "long" by tiny chunks."""
-    _resolve_backend(request, "triton")
+    require_backend(request, "softmax", "triton")
     import fastlm.kernels.softmax as kernels
 
     monkeypatch.setattr(kernels, "MAX_ROW_BLOCK", 16)

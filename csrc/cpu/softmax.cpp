@@ -51,6 +51,7 @@ typedef uint32_t u8 __attribute__((vector_size(32)));
 typedef uint16_t h8 __attribute__((vector_size(16)));
 typedef uint8_t b8 __attribute__((vector_size(8)));
 typedef uint64_t q4 __attribute__((vector_size(32)));
+typedef double d4 __attribute__((vector_size(32)));
 
 // Storage types: float, and uint16_t bits standing for at::BFloat16 / at::Half.
 struct F32 { using storage = float; };

@@ -5,43 +5,68 @@
 // includes that softmax.cpp declares before including it.
 
 FASTLM_INLINE f8 splat(float v) { return f8{} + v; }
-// memcpy of `cnt` of `full` bytes: constant-size (one vector move) for whole vectors,
-// a library call only for a row's tail.
-FASTLM_INLINE void copy_part(void* dst, const void* src, int cnt, int full, int elem) {
-  if (cnt == full) std::memcpy(dst, src, size_t(full) * elem);
-  else std::memcpy(dst, src, size_t(cnt) * elem);
+// Lane counts: `Full` (a whole vector, known at compile time) or an int < W (a row's
+// tail).  Every row loop runs `vector_loop`: whole vectors first, then at most one
+// tail, so the hot loop has constant-size loads and stores (single vector moves, no
+// branches, no round trip through the stack) and only the tail pays for a partial copy.
+struct Full {};
+FASTLM_INLINE void copy_part(void* dst, const void* src, Full, int elem) { std::memcpy(dst, src, size_t(W) * elem); }
+FASTLM_INLINE void copy_part(void* dst, const void* src, int cnt, int elem) { std::memcpy(dst, src, size_t(cnt) * elem); }
+template <class F>
+FASTLM_INLINE void vector_loop(int64_t n, F&& body) {
+  int64_t c = 0;
+  for (; c + W <= n; c += W) body(c, Full{});
+  if (c < n) body(c, int(n - c));
 }
-// Lane-wise select: m is a comparison result (all ones / all zeros per lane).
+// Lane-wise select: m is a comparison result (all ones / all zeros per lane); one
+// blend instruction with AVX.
 template <class V>
-FASTLM_INLINE V sel(i8 m, V a, V b) { return (V)(((i8)a & m) | ((i8)b & ~m)); }
-FASTLM_INLINE i8 lanes_below(int cnt) { return (i8)(i8{0, 1, 2, 3, 4, 5, 6, 7} < cnt); }
+FASTLM_INLINE V sel(i8 m, V a, V b) { return m ? a : b; }
+FASTLM_INLINE f8 pad_tail(f8 v, Full, float) { return v; }
+FASTLM_INLINE f8 pad_tail(f8 v, int cnt, float fill) {  // lanes >= cnt := fill
+  return sel((i8)(i8{0, 1, 2, 3, 4, 5, 6, 7} < cnt), v, splat(fill));
+}
 
 // ------------------------------------------------------------- element conversions
 // Loads of cnt < W elements leave the other lanes 0; stores write cnt elements.
-FASTLM_INLINE f8 to_f8(F32, const float* p, int cnt) {
+template <class Cnt>
+FASTLM_INLINE f8 to_f8(F32, const float* p, Cnt cnt) {
   f8 v{};
-  copy_part(&v, p, cnt, W, sizeof(float));
+  copy_part(&v, p, cnt, sizeof(float));
   return v;
 }
-FASTLM_INLINE h8 load_h8(const uint16_t* p, int cnt) {
+template <class Cnt>
+FASTLM_INLINE h8 load_h8(const uint16_t* p, Cnt cnt) {
   h8 v{};
-  copy_part(&v, p, cnt, W, sizeof(uint16_t));
+  copy_part(&v, p, cnt, sizeof(uint16_t));
   return v;
 }
-FASTLM_INLINE f8 to_f8(Bf16, const uint16_t* p, int cnt) {
-  // bf16 bits are the high half of the float: interleave zeros below them.
-  const h8 h = load_h8(p, cnt);
-  const h8 zero{};
-  typedef uint16_t h16 __attribute__((vector_size(32)));
-  return (f8)(h16)__builtin_shufflevector(zero, h, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15);
+// 16 <-> 32-bit lanes (values < 2^16).  The generic conversions compile to split
+// halves with GCC; AVX2 has one instruction (plus a lane fix-up for the pack).
+#if defined(FASTLM_ROWS_F16C)
+FASTLM_INLINE u8 widen(h8 h) { return (u8)_mm256_cvtepu16_epi32((__m128i)h); }
+FASTLM_INLINE h8 narrow(u8 v) {
+  const __m256i packed = _mm256_packus_epi32((__m256i)v, (__m256i)v);  // v0-3 v0-3 | v4-7 v4-7
+  return (h8)_mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+#else
+FASTLM_INLINE u8 widen(h8 h) { return __builtin_convertvector(h, u8); }
+FASTLM_INLINE h8 narrow(u8 v) { return __builtin_convertvector(v, h8); }
+#endif
+template <class Cnt>
+FASTLM_INLINE f8 to_f8(Bf16, const uint16_t* p, Cnt cnt) {
+  // bf16 bits are the high half of the float (zero-extend, shift: vpmovzxwd + vpslld).
+  return (f8)(widen(load_h8(p, cnt)) << 16);
 }
 #if defined(FASTLM_ROWS_F16C)
-FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) { return (f8)_mm256_cvtph_ps((__m128i)load_h8(p, cnt)); }
+template <class Cnt>
+FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, Cnt cnt) { return (f8)_mm256_cvtph_ps((__m128i)load_h8(p, cnt)); }
 #else
-FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
+template <class Cnt>
+FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, Cnt cnt) {
   // Shift exponent+mantissa into float position and rebias by 2^112 (127 - 15): exact
   // for normals and subnormals; inf/nan get the all-ones exponent put back.
-  const u8 h = __builtin_convertvector(load_h8(p, cnt), u8);
+  const u8 h = widen(load_h8(p, cnt));
   const u8 em = (h & 0x7fffu) << 13;
   u8 bits = (u8)((f8)em * 0x1.0p+112f);
   bits |= (u8)(em >= (0x7c00u << 13)) & 0x7f800000u;
@@ -49,27 +74,28 @@ FASTLM_INLINE f8 to_f8(F16, const uint16_t* p, int cnt) {
 }
 #endif
 
-FASTLM_INLINE void store(F32, float* p, f8 v, int cnt) { copy_part(p, &v, cnt, W, sizeof(float)); }
-FASTLM_INLINE void store_h8(uint16_t* p, u8 v, int cnt) {
-  const h8 h = __builtin_convertvector(v, h8);
-  copy_part(p, &h, cnt, W, sizeof(uint16_t));
+template <class Cnt>
+FASTLM_INLINE void store(F32, float* p, f8 v, Cnt cnt) { copy_part(p, &v, cnt, sizeof(float)); }
+template <class Cnt>
+FASTLM_INLINE void store_h8(uint16_t* p, u8 v, Cnt cnt) {
+  const h8 h = narrow(v);
+  copy_part(p, &h, cnt, sizeof(uint16_t));
 }
-FASTLM_INLINE void store(Bf16, uint16_t* p, f8 f, int cnt) {
+template <class Cnt>
+FASTLM_INLINE void store(Bf16, uint16_t* p, f8 f, Cnt cnt) {
   const u8 u = (u8)f;
   const u8 rounded = u + 0x7fffu + ((u >> 16) & 1u);  // round to nearest even (high halves)
-  typedef uint16_t h16 __attribute__((vector_size(32)));
-  const h16 halves = (h16)sel((i8)(f != f), u8{} + 0x7fc00000u, rounded);
-  // The high 16 bits of each lane (little-endian: the odd halves) are the bf16 values.
-  const h8 h = __builtin_shufflevector(halves, halves, 1, 3, 5, 7, 9, 11, 13, 15);
-  copy_part(p, &h, cnt, W, sizeof(uint16_t));
+  store_h8(p, sel((i8)(f != f), u8{} + 0x7fc0u, rounded >> 16), cnt);  // NaN stays (quiet) NaN
 }
 #if defined(FASTLM_ROWS_F16C)
-FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
+template <class Cnt>
+FASTLM_INLINE void store(F16, uint16_t* p, f8 f, Cnt cnt) {
   const __m128i h = _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  copy_part(p, &h, cnt, W, sizeof(uint16_t));
+  copy_part(p, &h, cnt, sizeof(uint16_t));
 }
 #else
-FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
+template <class Cnt>
+FASTLM_INLINE void store(F16, uint16_t* p, f8 f, Cnt cnt) {
   // Round-to-nearest-even fp32 -> fp16 by letting the FPU round at the right bit
   // position (the method of the FP16 library, which c10::Half also uses).
   const u8 w = (u8)f;
@@ -85,13 +111,12 @@ FASTLM_INLINE void store(F16, uint16_t* p, f8 f, int cnt) {
 }
 #endif
 
-// exp(x) for x <= 0 (softmax arguments are z - max): exp(x) = 2^k * exp(r) with
+// exp(x) for x <= 0 or NaN (softmax arguments are z - max): exp(x) = 2^k * exp(r) with
 // r = x - k ln2, |r| <= ln2/2, Cephes' degree-6 polynomial (< 1e-7 relative error).
 // x < -87.3 (result near the smallest normal float) gives exactly 0, so -inf -> 0;
-// NaN stays NaN.
+// NaN stays NaN (the clamp and the final select keep NaN lanes).
 FASTLM_INLINE f8 exp_nonpos(f8 x) {
-  f8 xc = sel((i8)(x > 0.f), f8{}, x);
-  xc = sel((i8)(xc < -87.3f), splat(-87.3f), xc);
+  const f8 xc = sel((i8)(x < -87.3f), splat(-87.3f), x);
   const f8 k = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   f8 r = xc - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
@@ -113,26 +138,30 @@ FASTLM_INLINE float hmax(f8 v) {
 }
 
 // Sums of thousands of terms accumulate in double (a float sum would be off by
-// ~1e-6 relative, several times PyTorch's error): float partials per lane over at
-// most 16 vectors, flushed into double lanes.
+// ~1e-6 relative, several times PyTorch's error): two float partials per lane
+// (alternating, so consecutive adds do not wait on each other), each over at most
+// 16 vectors, flushed into two 4-lane double vectors.
 struct DoubleSum {
-  double acc[W] = {};
-  f8 part{};
+  d4 lo{}, hi{};
+  f8 part{}, other{};
   int pending = 0;
   FASTLM_INLINE void add(f8 v) {
-    part += v;
-    if (++pending == 16) flush();
+    const f8 next = other;
+    other = part + v;
+    part = next;
+    if (++pending == 32) flush();
   }
   FASTLM_INLINE void flush() {
-    for (int k = 0; k < W; ++k) acc[k] += part[k];
-    part = f8{};
+    const f8 both = part + other;
+    lo += __builtin_convertvector(__builtin_shufflevector(both, both, 0, 1, 2, 3), d4);
+    hi += __builtin_convertvector(__builtin_shufflevector(both, both, 4, 5, 6, 7), d4);
+    part = other = f8{};
     pending = 0;
   }
   FASTLM_INLINE double total() {
     flush();
-    double t = 0.0;
-    for (int k = 0; k < W; ++k) t += acc[k];
-    return t;
+    const d4 t = lo + hi;
+    return (t[0] + t[1]) + (t[2] + t[3]);
   }
 };
 
@@ -168,13 +197,12 @@ FASTLM_INLINE void load_mask_row(const MaskView& m, int64_t base, int64_t n, flo
       for (int64_t c = 0; c < n; ++c) madd[c] = p[c * s] ? 0.f : kNegInf;
       return;
     }
-    for (int64_t c = 0; c < n; c += W) {
-      const int cnt = int(std::min<int64_t>(W, n - c));
+    vector_loop(n, [&](int64_t c, auto cnt) {
       b8 b{};
-      copy_part(&b, p + c, cnt, W, 1);
+      copy_part(&b, p + c, cnt, 1);
       const f8 v = sel((i8)(__builtin_convertvector(b, i8) != 0), f8{}, splat(kNegInf));
       std::memcpy(madd + c, &v, sizeof(v));
-    }
+    });
   } else {
     using S = typename Tag::storage;
     const S* p = static_cast<const S*>(m.data) + base;
@@ -182,10 +210,10 @@ FASTLM_INLINE void load_mask_row(const MaskView& m, int64_t base, int64_t n, flo
       for (int64_t c = 0; c < n; ++c) madd[c] = to_f8(Tag{}, p + c * s, 1)[0];
       return;
     }
-    for (int64_t c = 0; c < n; c += W) {
-      const f8 v = to_f8(Tag{}, p + c, int(std::min<int64_t>(W, n - c)));
+    vector_loop(n, [&](int64_t c, auto cnt) {
+      const f8 v = to_f8(Tag{}, p + c, cnt);
       std::memcpy(madd + c, &v, sizeof(v));
-    }
+    });
   }
 }
 
@@ -219,13 +247,11 @@ void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
     }
     // Pass 1 (reads x): z = x * scale + mask, running max; padding lanes are -inf.
     f8 mx = splat(kNegInf);
-    for (int64_t c = 0; c < n; c += W) {
-      const int cnt = int(std::min<int64_t>(W, n - c));
-      f8 v = to_f8(Tag{}, xr + c, cnt) * scale + load_f8(madd + c);
-      if (cnt < W) v = sel(lanes_below(cnt), v, splat(kNegInf));
+    vector_loop(n, [&](int64_t c, auto cnt) {
+      const f8 v = pad_tail(to_f8(Tag{}, xr + c, cnt) * scale + load_f8(madd + c), cnt, kNegInf);
       store_f8(z + c, v);
       mx = sel((i8)(v > mx), v, mx);
-    }
+    });
     const float row_max = hmax(mx);
     if (row_max == kNegInf) {  // fully masked (or all -inf) row: zeros, documented exception
       std::memset(static_cast<void*>(outr), 0, n * sizeof(*outr));
@@ -245,14 +271,13 @@ void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
     if (a.drop.on) {
       auto* pr = a.probs + r * n;
       row_multipliers(a.drop, r, n, mult);
-      for (int64_t c = 0; c < n; c += W) {
-        const int cnt = int(std::min<int64_t>(W, n - c));
+      vector_loop(n, [&](int64_t c, auto cnt) {
         const f8 y = load_f8(z + c) * inv;
         store(Tag{}, pr + c, y, cnt);
         store(Tag{}, outr + c, y * load_f8(mult + c), cnt);
-      }
+      });
     } else {
-      for (int64_t c = 0; c < n; c += W) store(Tag{}, outr + c, load_f8(z + c) * inv, int(std::min<int64_t>(W, n - c)));
+      vector_loop(n, [&](int64_t c, auto cnt) { store(Tag{}, outr + c, load_f8(z + c) * inv, cnt); });
     }
   }
 }
@@ -261,29 +286,25 @@ template <class Tag>
 void backward_rows(const BackwardArgs<Tag>& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const int64_t padded = (n + W - 1) / W * W;
-  std::vector<float> scratch(2 * padded, 1.f);
-  float* g = scratch.data();
-  float* mult = g + padded;  // stays 1 without dropout
+  std::vector<float> mult(a.drop.on ? padded : 0);
   const f8 scale = splat(a.scale);
   for (int64_t r = begin; r < end; ++r) {
     const auto* gr = a.grad + r * n;
     const auto* yr = a.y + r * n;
     auto* dxr = a.dx + r * n;
-    if (a.drop.on) row_multipliers(a.drop, r, n, mult);
-    // Pass 1: g = grad * keep / (1 - p) into scratch, dot = sum(g * y) (loads past n are 0).
+    // g = grad * keep / (1 - p): the gradient of the pre-dropout probabilities y.
+    if (a.drop.on) row_multipliers(a.drop, r, n, mult.data());
+    const auto g = [&](int64_t c, auto cnt) {
+      const f8 gv = to_f8(Tag{}, gr + c, cnt);
+      return a.drop.on ? gv * load_f8(mult.data() + c) : gv;
+    };
+    // Pass 1: dot = sum(g * y) (loads past n are 0).
     DoubleSum dot;
-    for (int64_t c = 0; c < n; c += W) {
-      const int cnt = int(std::min<int64_t>(W, n - c));
-      const f8 gv = to_f8(Tag{}, gr + c, cnt) * load_f8(mult + c);
-      store_f8(g + c, gv);
-      dot.add(gv * to_f8(Tag{}, yr + c, cnt));
-    }
-    // Pass 2: dx = scale * y * (g - dot)  (y re-read from cache).
+    vector_loop(n, [&](int64_t c, auto cnt) { dot.add(g(c, cnt) * to_f8(Tag{}, yr + c, cnt)); });
+    // Pass 2: dx = scale * y * (g - dot)  (grad and y re-read from cache).
     const f8 d8 = splat(float(dot.total()));
-    for (int64_t c = 0; c < n; c += W) {
-      const int cnt = int(std::min<int64_t>(W, n - c));
-      store(Tag{}, dxr + c, scale * to_f8(Tag{}, yr + c, cnt) * (load_f8(g + c) - d8), cnt);
-    }
+    vector_loop(n, [&](int64_t c, auto cnt) {
+      store(Tag{}, dxr + c, scale * to_f8(Tag{}, yr + c, cnt) * (g(c, cnt) - d8), cnt);
+    });
   }
 }
-
