@@ -146,6 +146,16 @@ def test_nan_and_empty_follow_pytorch(backend):
     assert softmax(torch.empty(0, 5), backend=backend).shape == (0, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bool_mask_hides_nan_and_inf_scores(backend, dtype):
+    """Dropped positions are replaced (masked_fill), so garbage there cannot leak."""
+    x = rand_x(3, 2, 67, dtype=dtype)
+    keep = torch.rand(3, 1, 67) > 0.3
+    keep[..., :2] = False
+    x[..., 0], x[..., 1] = math.nan, math.inf
+    assert_close_to_truth(softmax(x, scale=0.5, mask=keep, backend=backend), x, 0.5, keep)
+
+
 # -------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_matches_float64(backend, dtype):

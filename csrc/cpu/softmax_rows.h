@@ -236,6 +236,7 @@ void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
   float* madd = z + padded;
   float* mult = madd + padded;
   int64_t mask_base = -1;  // mask rows repeat across heads / queries: reload only on change
+  const bool replace = a.mask.data != nullptr && a.mask.is_bool;
   const f8 scale = splat(a.scale);
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = a.x + r * n;
@@ -245,10 +246,14 @@ void forward_rows(const ForwardArgs<Tag>& a, int64_t begin, int64_t end) {
       if (b != mask_base) load_mask_row<Tag>(a.mask, b, n, madd);
       mask_base = b;
     }
-    // Pass 1 (reads x): z = x * scale + mask, running max; padding lanes are -inf.
+    // Pass 1 (reads x): z = x * scale + mask, running max; padding lanes are -inf.  A
+    // bool mask replaces dropped scores (even inf or NaN ones, as masked_fill does).
     f8 mx = splat(kNegInf);
     vector_loop(n, [&](int64_t c, auto cnt) {
-      const f8 v = pad_tail(to_f8(Tag{}, xr + c, cnt) * scale + load_f8(madd + c), cnt, kNegInf);
+      const f8 m = load_f8(madd + c);
+      f8 v = to_f8(Tag{}, xr + c, cnt) * scale + m;
+      if (replace) v = sel((i8)(m == kNegInf), m, v);
+      v = pad_tail(v, cnt, kNegInf);
       store_f8(z + c, v);
       mx = sel((i8)(v > mx), v, mx);
     });

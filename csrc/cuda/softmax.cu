@@ -139,6 +139,44 @@ __device__ __forceinline__ void load_pack(const T* row, int64_t col0, int64_t n,
   }
 }
 
+// The mask over one pack's columns as additive values (bool: 0 keep / -inf drop; 0 past
+// n or without a mask); apply with `apply_mask`.  `vec`: the mask row is contiguous with kVec-aligned starts,
+// so the pack is one load (kVec bytes of bool, or 16 bytes of an additive mask).
+template <typename T>
+__device__ __forceinline__ void mask_pack(const MaskView& m, int64_t base, int64_t col0, int64_t n, bool vec,
+                                          float* add) {
+  constexpr int kVec = Pack<T>::kVec;
+  struct alignas(kVec) Bools { uint8_t v[kVec]; };
+  if (m.kind == MaskKind::kBool) {
+    const uint8_t* row = static_cast<const uint8_t*>(m.data) + base;
+    if (vec && col0 < n) {
+      const Bools b = *reinterpret_cast<const Bools*>(row + col0);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) add[i] = b.v[i] ? 0.f : -INFINITY;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) add[i] = col0 + i < n && !row[(col0 + i) * m.s3] ? -INFINITY : 0.f;
+    }
+  } else if (m.kind == MaskKind::kAdditive) {
+    const T* row = static_cast<const T*>(m.data) + base;
+    if (vec) {
+      load_pack(row, col0, n, true, 0.f, add);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) add[i] = col0 + i < n ? to_float(row[(col0 + i) * m.s3]) : 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) add[i] = 0.f;
+  }
+}
+
+// A bool mask replaces dropped scores by -inf (even inf or NaN ones, as masked_fill
+// does); an additive mask is added.
+__device__ __forceinline__ float apply_mask(float z, float add, MaskKind kind) {
+  return kind == MaskKind::kBool && add == -INFINITY ? -INFINITY : z + add;
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pack(T* row, int64_t col0, int64_t n, bool vec_ok, const float* in) {
   constexpr int kVec = Pack<T>::kVec;
@@ -177,7 +215,7 @@ struct RowSlot {
 // ------------------------------------------------------------ register-resident kernels
 template <typename T, int kPacks, bool kWarpRow>
 __global__ void forward_regs(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ probs, MaskView mask,
-                             float scale, Drop drop, int64_t rows, int64_t n, bool vec_ok) {
+                             float scale, Drop drop, int64_t rows, int64_t n, bool vec_ok, bool mask_vec) {
   constexpr int kVec = Pack<T>::kVec;
   const RowSlot<kWarpRow> s;
   if (s.row >= rows) return;  // warp rows only: a whole warp leaves together
@@ -188,10 +226,12 @@ __global__ void forward_regs(const T* __restrict__ x, T* __restrict__ out, T* __
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     const int64_t col0 = (int64_t(k) * s.width + s.lane) * kVec;
+    float madd[kVec];
     load_pack(xr, col0, n, vec_ok, 0.f, z[k]);
+    mask_pack<T>(mask, mbase, col0, n, mask_vec, madd);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      z[k][i] = col0 + i < n ? masked_score<T>(z[k][i], scale, mask, mbase, col0 + i) : -INFINITY;
+      z[k][i] = col0 + i < n ? apply_mask(z[k][i] * scale, madd[i], mask.kind) : -INFINITY;
       mx = fmaxf(mx, z[k][i]);
     }
   }
@@ -329,13 +369,15 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 template <typename T, int kPacks>
 void launch_forward_regs(const Plan& plan, const T* x, T* out, T* probs, const MaskView& mask, float scale,
-                         const Drop& drop, int64_t rows, int64_t n, bool vec_ok, cudaStream_t stream) {
+                         const Drop& drop, int64_t rows, int64_t n, bool vec_ok, bool mask_vec, cudaStream_t stream) {
   if (plan.warp_row) {
     const dim3 block(kWarp, kWarpRowsPerBlock);
     const int64_t grid = (rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
-    forward_regs<T, kPacks, true><<<grid, block, 0, stream>>>(x, out, probs, mask, scale, drop, rows, n, vec_ok);
+    forward_regs<T, kPacks, true>
+        <<<grid, block, 0, stream>>>(x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec);
   } else {
-    forward_regs<T, kPacks, false><<<rows, plan.threads, 0, stream>>>(x, out, probs, mask, scale, drop, rows, n, vec_ok);
+    forward_regs<T, kPacks, false>
+        <<<rows, plan.threads, 0, stream>>>(x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec);
   }
 }
 
@@ -357,12 +399,17 @@ void forward_typed(const void* xv, void* outv, void* probsv, const MaskView& mas
   const T* x = static_cast<const T*>(xv);
   T* out = static_cast<T*>(outv);
   T* probs = static_cast<T*>(probsv);
-  const bool vec_ok = n % Pack<T>::kVec == 0 && aligned16(x) && aligned16(out) && (!drop.on || aligned16(probs));
+  constexpr int kVec = Pack<T>::kVec;
+  const bool vec_ok = n % kVec == 0 && aligned16(x) && aligned16(out) && (!drop.on || aligned16(probs));
+  // Mask packs: contiguous rows whose starts (broadcast strides are 0) stay pack-aligned.
+  const bool mask_vec = vec_ok && mask.kind != MaskKind::kNone && mask.s3 == 1 && mask.s0 % kVec == 0 &&
+                        mask.s1 % kVec == 0 && mask.s2 % kVec == 0 &&
+                        reinterpret_cast<uintptr_t>(mask.data) % (mask.kind == MaskKind::kBool ? kVec : 16) == 0;
   const Plan plan = plan_for<T>(n);
   switch (plan.packs) {
-    case 1: launch_forward_regs<T, 1>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, stream); break;
-    case 2: launch_forward_regs<T, 2>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, stream); break;
-    case 4: launch_forward_regs<T, 4>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, stream); break;
+    case 1: launch_forward_regs<T, 1>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
+    case 2: launch_forward_regs<T, 2>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
+    case 4: launch_forward_regs<T, 4>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
     default: forward_online<T><<<rows, plan.threads, 0, stream>>>(x, out, probs, mask, scale, drop, n);
   }
 }
