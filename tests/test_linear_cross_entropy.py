@@ -5,29 +5,10 @@ GPU (marked ``gpu``): triton and cuda on CUDA tensors.
 """
 import pytest
 import torch
+from _backends import CPU_TESTABLE, require_backend
+from _cross_entropy_truth import IGNORE, lce64
 
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
-from _backends import CPU_TESTABLE, require_backend
-
-IGNORE = -100
-
-
-# ----------------------------------------------------------------------------- the truth
-def lce64(hidden, weight, labels, bias=None, *, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
-    """Dense float64 logits, then cross-entropy from its definition; differentiable."""
-    logits = hidden.double() @ weight.double().t()
-    if bias is not None:
-        logits = logits + bias.double()
-    x = logits.reshape(-1, logits.shape[-1])
-    y = labels.reshape(-1)
-    labelled = y != IGNORE
-    lse = torch.logsumexp(x, 1)
-    rows = (1 - label_smoothing) * (lse - x[torch.arange(len(y)), torch.where(labelled, y, 0)])
-    rows = rows + label_smoothing * (lse - x.mean(1)) + z_loss * lse**2
-    rows = torch.where(labelled, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(labels.shape)
-    return rows.sum() if reduction == "sum" else rows.sum() / labelled.sum().clamp(min=1)
 
 
 def run(fn, tensors, seed=0):

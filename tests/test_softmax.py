@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from _backends import CPU_TESTABLE, require_backend
 
 import fastlm
-from _backends import CPU_TESTABLE, require_backend
 from fastlm.ops import softmax
 
 # one unit in the last place at 1.0: what rounding the result to the dtype may cost
