@@ -25,24 +25,21 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.cuh"
+
 #include <cstdint>
 
 namespace fastlm_softmax {
 namespace {
+
+using fastlm_cuda::from_float;
+using fastlm_cuda::to_float;
 
 constexpr int kWarp = 32;
 constexpr int kWarpRowsPerBlock = 4;
 constexpr int kMaxPacks = 4;
 constexpr int kOnlineThreads = 512;
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
