@@ -83,7 +83,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
 // ------------------------------------------------------------------ elementwise kernels
 // exp for the softmax: Cody-Waite reduction + degree-6 polynomial (about 1 ulp),
 // branch-free so the compiler vectorises it; exp(-inf) = 0 exactly.
-inline float fast_exp(float x) {
+inline __attribute__((always_inline)) float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   // round to nearest through the 1.5 * 2^23 trick (vectorises without SSE4.1's round)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
