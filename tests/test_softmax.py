@@ -219,13 +219,16 @@ def test_dropout_statistics_consistency_and_seeding(backend):
     assert not torch.equal(other != 0, kept)
 
 
-def test_triton_online_kernels(request, monkeypatch):
-    """The long-row (online, chunked) Triton kernels, on rows made "long" by tiny chunks."""
+@pytest.mark.parametrize("programs", [1, 512], ids=["one-segment-per-row", "three-segments-per-row"])
+def test_triton_online_kernels(request, monkeypatch, programs):
+    """The long-row (online, chunked, segmented) Triton kernels, on rows made "long" by
+    tiny chunks: 41 columns = 3 chunks of 16, in one segment or in three."""
     require_backend(request, "softmax", "triton")
     import fastlm.kernels.softmax as kernels
 
     monkeypatch.setattr(kernels, "MAX_ROW_BLOCK", 16)
     monkeypatch.setattr(kernels, "ONLINE_BLOCK", 16)
+    monkeypatch.setattr(kernels, "SEGMENT_PROGRAMS", programs)
     n = 41
     x = rand_x(2, 3, n).requires_grad_()
     with torch.no_grad():
