@@ -9,10 +9,13 @@
 //   Reductions are warp shuffles only.
 // * Medium rows (up to 1024 threads * 4 packs): one block per row, same register
 //   scheme, reductions through shared memory.
-// * Longer rows: one block per row sweeping the row twice (online max / rescaled sum,
-//   then normalise and write), any length.
-// Templates: dtype x {warp, block} x packs {1, 2, 4} + the online kernel, forward and
-// backward: 42 kernels, to keep the build short.
+// * Longer rows, any length: each row split into segments of one block each (rows x
+//   segments ~ 1024 blocks, segments >= 8192 elements), two launches per direction:
+//   per-segment online max / rescaled sum (backward: partial sum(g * y)) into a float
+//   workspace the torch glue allocates, then each segment combines its row's partials
+//   and writes (x read twice, written once).
+// Templates: dtype x {warp, block} x packs {1, 2, 4} + 2 segment kernels, forward and
+// backward: 48 kernels, to keep the build short.
 //
 // Numerics: fp32 accumulation; a row whose entries are all -inf after masking gives
 // zeros (and zero gradients).  Dropout: column c of row r is kept when the 32-bit
@@ -27,6 +30,7 @@
 
 #include "convert.cuh"
 
+#include <algorithm>
 #include <cstdint>
 
 namespace fastlm_softmax {
@@ -39,6 +43,8 @@ constexpr int kWarp = 32;
 constexpr int kWarpRowsPerBlock = 4;
 constexpr int kMaxPacks = 4;
 constexpr int kOnlineThreads = 512;
+constexpr int64_t kSegmentBlocks = 1024;  // long rows: split until rows x segments reaches this
+constexpr int64_t kMinSegment = 8192;     // elements per segment at least
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
@@ -290,15 +296,29 @@ __global__ void backward_regs(const T* __restrict__ grad, const T* __restrict__ 
 }
 
 // ------------------------------------------------------------------- long rows (online)
+// A long row is split into `segs` segments, one block each (grid: rows * segs blocks),
+// so even a single row fills the GPU.  Two launches per direction: per-segment partial
+// results into a float workspace, then every segment combines its row's partials and
+// writes.
+struct Segment {
+  int64_t row, begin, end;
+};
+__device__ __forceinline__ Segment segment_of(int64_t n, int segs) {
+  const int64_t len = (n + segs - 1) / segs;
+  const int64_t row = blockIdx.x / segs, begin = (blockIdx.x % segs) * len;
+  return {row, begin, begin + len < n ? begin + len : n};
+}
+
+// Sweep 1: per-thread running max and sum of exp(z - max), rescaled when the max grows;
+// the segment's (max, sum) into stats[2 * block].  An all -inf segment gives (-inf, 0).
 template <typename T>
-__global__ void forward_online(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ probs, MaskView mask,
-                               float scale, Drop drop, int64_t n) {
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * n;
-  const int64_t mbase = mask.kind == MaskKind::kNone ? 0 : mask_base(mask, row);
-  // Sweep 1: per-thread running max and sum of exp(z - max), rescaled when the max grows.
+__global__ void forward_segment_stats(const T* __restrict__ x, MaskView mask, float scale, int64_t n, int segs,
+                                      float* __restrict__ stats) {
+  const Segment sg = segment_of(n, segs);
+  const T* xr = x + sg.row * n;
+  const int64_t mbase = mask.kind == MaskKind::kNone ? 0 : mask_base(mask, sg.row);
   float m = -INFINITY, l = 0.f;
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+  for (int64_t c = sg.begin + threadIdx.x; c < sg.end; c += blockDim.x) {
     const float z = masked_score<T>(to_float(xr[c]), scale, mask, mbase, c);
     const float m_new = fmaxf(m, z);
     const float shift = m_new == -INFINITY ? 0.f : m_new;
@@ -306,38 +326,67 @@ __global__ void forward_online(const T* __restrict__ x, T* __restrict__ out, T* 
     m = m_new;
   }
   const float mx = row_reduce<false>(m, true);
-  const float shift = mx == -INFINITY ? 0.f : mx;
-  const float total = row_reduce<false>(l * expf(m - shift), false);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  const uint64_t key = drop.on ? drop.row_key(row) : 0;
-  // Sweep 2: normalise, dropout, write.
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    float v = expf(masked_score<T>(to_float(xr[c]), scale, mask, mbase, c) - shift) * inv;
-    if (drop.on) {
-      probs[row * n + c] = from_float<T>(v);
-      v *= drop.mult(key, c);
-    }
-    out[row * n + c] = from_float<T>(v);
+  const float total = row_reduce<false>(l * expf(m - (mx == -INFINITY ? 0.f : mx)), false);
+  if (threadIdx.x == 0) {
+    stats[2 * blockIdx.x] = mx;
+    stats[2 * blockIdx.x + 1] = total;
   }
 }
 
+// Sweep 2: the row's max and total from its segments' stats, then normalise, dropout, write.
 template <typename T>
-__global__ void backward_online(const T* __restrict__ grad, const T* __restrict__ y, T* __restrict__ dx, float scale,
-                                Drop drop, int64_t n) {
-  const int64_t row = blockIdx.x;
-  const T* gr = grad + row * n;
-  const T* yr = y + row * n;
-  const uint64_t key = drop.on ? drop.row_key(row) : 0;
-  float dot = 0.f;
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    const float g = drop.on ? to_float(gr[c]) * drop.mult(key, c) : to_float(gr[c]);
-    dot += g * to_float(yr[c]);
+__global__ void forward_segment_write(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ probs,
+                                      MaskView mask, float scale, Drop drop, int64_t n, int segs,
+                                      const float* __restrict__ stats) {
+  const Segment sg = segment_of(n, segs);
+  const float* rs = stats + 2 * sg.row * segs;
+  float mx = -INFINITY;
+  for (int k = 0; k < segs; ++k) mx = fmaxf(mx, rs[2 * k]);
+  const float shift = mx == -INFINITY ? 0.f : mx;  // all -inf row: exp gives zeros
+  float total = 0.f;
+  for (int k = 0; k < segs; ++k) total += rs[2 * k + 1] * expf(rs[2 * k] - shift);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const T* xr = x + sg.row * n;
+  const int64_t mbase = mask.kind == MaskKind::kNone ? 0 : mask_base(mask, sg.row);
+  const uint64_t key = drop.on ? drop.row_key(sg.row) : 0;
+  for (int64_t c = sg.begin + threadIdx.x; c < sg.end; c += blockDim.x) {
+    float v = expf(masked_score<T>(to_float(xr[c]), scale, mask, mbase, c) - shift) * inv;
+    if (drop.on) {
+      probs[sg.row * n + c] = from_float<T>(v);
+      v *= drop.mult(key, c);
+    }
+    out[sg.row * n + c] = from_float<T>(v);
   }
+}
+
+__device__ __forceinline__ float grad_times_keep(float g, const Drop& drop, uint64_t key, int64_t c) {
+  return drop.on ? g * drop.mult(key, c) : g;
+}
+
+// Backward sweep 1: the segment's part of sum(g * y) into dots[block].
+template <typename T>
+__global__ void backward_segment_dot(const T* __restrict__ grad, const T* __restrict__ y, Drop drop, int64_t n,
+                                     int segs, float* __restrict__ dots) {
+  const Segment sg = segment_of(n, segs);
+  const uint64_t key = drop.on ? drop.row_key(sg.row) : 0;
+  float dot = 0.f;
+  for (int64_t c = sg.begin + threadIdx.x; c < sg.end; c += blockDim.x)
+    dot += grad_times_keep(to_float(grad[sg.row * n + c]), drop, key, c) * to_float(y[sg.row * n + c]);
   dot = row_reduce<false>(dot, false);
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    const float g = drop.on ? to_float(gr[c]) * drop.mult(key, c) : to_float(gr[c]);
-    const float yv = to_float(yr[c]);
-    dx[row * n + c] = from_float<T>(scale * yv * (g - dot));
+  if (threadIdx.x == 0) dots[blockIdx.x] = dot;
+}
+
+// Backward sweep 2: dx = scale * y * (g - dot) over the segment, dot summed over the row's segments.
+template <typename T>
+__global__ void backward_segment_write(const T* __restrict__ grad, const T* __restrict__ y, T* __restrict__ dx,
+                                       float scale, Drop drop, int64_t n, int segs, const float* __restrict__ dots) {
+  const Segment sg = segment_of(n, segs);
+  float dot = 0.f;
+  for (int k = 0; k < segs; ++k) dot += dots[sg.row * segs + k];
+  const uint64_t key = drop.on ? drop.row_key(sg.row) : 0;
+  for (int64_t c = sg.begin + threadIdx.x; c < sg.end; c += blockDim.x) {
+    const int64_t i = sg.row * n + c;
+    dx[i] = from_float<T>(scale * to_float(y[i]) * (grad_times_keep(to_float(grad[i]), drop, key, c) - dot));
   }
 }
 
@@ -345,7 +394,7 @@ __global__ void backward_online(const T* __restrict__ grad, const T* __restrict_
 // How a row of n elements is laid out: warp or block per row, packs per thread.
 struct Plan {
   bool warp_row;
-  int packs;    // 0: online kernel
+  int packs;    // 0: the segmented long-row kernels
   int threads;  // per row (block mode) or 32
 };
 
@@ -390,9 +439,16 @@ void launch_backward_regs(const Plan& plan, const T* grad, const T* y, T* dx, fl
   }
 }
 
+// Segments per long row (plan.packs == 0): enough blocks for the GPU, each >= kMinSegment.
+int segments_for(int64_t rows, int64_t n) {
+  const int64_t by_length = (n + kMinSegment - 1) / kMinSegment;
+  const int64_t by_blocks = (kSegmentBlocks + rows - 1) / rows;
+  return int(std::max<int64_t>(1, std::min(by_length, by_blocks)));
+}
+
 template <typename T>
 void forward_typed(const void* xv, void* outv, void* probsv, const MaskView& mask, float scale, const Drop& drop,
-                   int64_t rows, int64_t n, cudaStream_t stream) {
+                   int64_t rows, int64_t n, float* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(xv);
   T* out = static_cast<T*>(outv);
   T* probs = static_cast<T*>(probsv);
@@ -407,13 +463,18 @@ void forward_typed(const void* xv, void* outv, void* probsv, const MaskView& mas
     case 1: launch_forward_regs<T, 1>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
     case 2: launch_forward_regs<T, 2>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
     case 4: launch_forward_regs<T, 4>(plan, x, out, probs, mask, scale, drop, rows, n, vec_ok, mask_vec, stream); break;
-    default: forward_online<T><<<rows, plan.threads, 0, stream>>>(x, out, probs, mask, scale, drop, n);
+    default: {
+      const int segs = segments_for(rows, n);
+      forward_segment_stats<T><<<rows * segs, plan.threads, 0, stream>>>(x, mask, scale, n, segs, workspace);
+      forward_segment_write<T>
+          <<<rows * segs, plan.threads, 0, stream>>>(x, out, probs, mask, scale, drop, n, segs, workspace);
+    }
   }
 }
 
 template <typename T>
 void backward_typed(const void* gv, const void* yv, void* dxv, float scale, const Drop& drop, int64_t rows,
-                    int64_t n, cudaStream_t stream) {
+                    int64_t n, float* workspace, cudaStream_t stream) {
   const T* g = static_cast<const T*>(gv);
   const T* y = static_cast<const T*>(yv);
   T* dx = static_cast<T*>(dxv);
@@ -423,32 +484,54 @@ void backward_typed(const void* gv, const void* yv, void* dxv, float scale, cons
     case 1: launch_backward_regs<T, 1>(plan, g, y, dx, scale, drop, rows, n, vec_ok, stream); break;
     case 2: launch_backward_regs<T, 2>(plan, g, y, dx, scale, drop, rows, n, vec_ok, stream); break;
     case 4: launch_backward_regs<T, 4>(plan, g, y, dx, scale, drop, rows, n, vec_ok, stream); break;
-    default: backward_online<T><<<rows, plan.threads, 0, stream>>>(g, y, dx, scale, drop, n);
+    default: {
+      const int segs = segments_for(rows, n);
+      backward_segment_dot<T><<<rows * segs, plan.threads, 0, stream>>>(g, y, drop, n, segs, workspace);
+      backward_segment_write<T><<<rows * segs, plan.threads, 0, stream>>>(g, y, dx, scale, drop, n, segs, workspace);
+    }
   }
+}
+
+template <typename T>
+int64_t workspace_floats_typed(int64_t rows, int64_t n) {
+  return plan_for<T>(n).packs == 0 ? 2 * rows * segments_for(rows, n) : 0;
 }
 
 }  // namespace
 
+int64_t softmax_workspace_floats(DType dtype, int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return 0;
+  switch (dtype) {
+    case DType::kFloat: return workspace_floats_typed<float>(rows, n);
+    case DType::kHalf: return workspace_floats_typed<__half>(rows, n);
+    case DType::kBFloat16: return workspace_floats_typed<__nv_bfloat16>(rows, n);
+  }
+  return 0;
+}
+
 cudaError_t softmax_forward(DType dtype, const void* x, void* out, void* probs, MaskView mask, float scale,
-                            float dropout_p, uint64_t seed, int64_t rows, int64_t n, cudaStream_t stream) {
+                            float dropout_p, uint64_t seed, int64_t rows, int64_t n, float* workspace,
+                            cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   const Drop drop = make_drop(dropout_p, seed);
   switch (dtype) {
-    case DType::kFloat: forward_typed<float>(x, out, probs, mask, scale, drop, rows, n, stream); break;
-    case DType::kHalf: forward_typed<__half>(x, out, probs, mask, scale, drop, rows, n, stream); break;
-    case DType::kBFloat16: forward_typed<__nv_bfloat16>(x, out, probs, mask, scale, drop, rows, n, stream); break;
+    case DType::kFloat: forward_typed<float>(x, out, probs, mask, scale, drop, rows, n, workspace, stream); break;
+    case DType::kHalf: forward_typed<__half>(x, out, probs, mask, scale, drop, rows, n, workspace, stream); break;
+    case DType::kBFloat16:
+      forward_typed<__nv_bfloat16>(x, out, probs, mask, scale, drop, rows, n, workspace, stream);
+      break;
   }
   return cudaGetLastError();
 }
 
 cudaError_t softmax_backward(DType dtype, const void* grad, const void* y, void* dx, float scale, float dropout_p,
-                             uint64_t seed, int64_t rows, int64_t n, cudaStream_t stream) {
+                             uint64_t seed, int64_t rows, int64_t n, float* workspace, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   const Drop drop = make_drop(dropout_p, seed);
   switch (dtype) {
-    case DType::kFloat: backward_typed<float>(grad, y, dx, scale, drop, rows, n, stream); break;
-    case DType::kHalf: backward_typed<__half>(grad, y, dx, scale, drop, rows, n, stream); break;
-    case DType::kBFloat16: backward_typed<__nv_bfloat16>(grad, y, dx, scale, drop, rows, n, stream); break;
+    case DType::kFloat: backward_typed<float>(grad, y, dx, scale, drop, rows, n, workspace, stream); break;
+    case DType::kHalf: backward_typed<__half>(grad, y, dx, scale, drop, rows, n, workspace, stream); break;
+    case DType::kBFloat16: backward_typed<__nv_bfloat16>(grad, y, dx, scale, drop, rows, n, workspace, stream); break;
   }
   return cudaGetLastError();
 }

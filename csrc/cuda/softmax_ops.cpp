@@ -40,6 +40,12 @@ uint64_t seed_of(double dropout_p, const std::optional<at::Tensor>& seed) {
   return uint64_t(seed->data_ptr<int64_t>()[0]);  // a CPU tensor: no device sync
 }
 
+// The launchers' float workspace (long rows only; empty otherwise).
+at::Tensor workspace_for(DType dtype, const at::Tensor& like) {
+  const int64_t floats = fastlm_softmax::softmax_workspace_floats(dtype, like.size(0), like.size(1));
+  return at::empty({floats}, like.options().dtype(at::kFloat));
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                                         double scale, double dropout_p,
                                                         const std::optional<at::Tensor>& seed) {
@@ -61,9 +67,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_forward_cuda(const at::Tensor& x, con
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   at::Tensor probs = dropout_p > 0.0 ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor workspace = workspace_for(dtype, x);
   const cudaError_t err = fastlm_softmax::softmax_forward(
       dtype, x.const_data_ptr(), out.mutable_data_ptr(), dropout_p > 0.0 ? probs.mutable_data_ptr() : nullptr, mv,
-      float(scale), float(dropout_p), seed_value, x.size(0), x.size(1), c10::cuda::getCurrentCUDAStream());
+      float(scale), float(dropout_p), seed_value, x.size(0), x.size(1), workspace.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "softmax (cuda): forward launch failed: ", cudaGetErrorString(err));
   return {out, probs};
 }
@@ -78,9 +86,10 @@ at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, do
   const uint64_t seed_value = seed_of(dropout_p, seed);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor dx = at::empty_like(y);
+  at::Tensor workspace = workspace_for(dtype, y);
   const cudaError_t err = fastlm_softmax::softmax_backward(
       dtype, grad.const_data_ptr(), y.const_data_ptr(), dx.mutable_data_ptr(), float(scale), float(dropout_p),
-      seed_value, y.size(0), y.size(1), c10::cuda::getCurrentCUDAStream());
+      seed_value, y.size(0), y.size(1), workspace.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "softmax (cuda): backward launch failed: ", cudaGetErrorString(err));
   return dx;
 }
