@@ -14,8 +14,11 @@ Two layouts share every kernel (``IS_VARLEN``):
 
 Masking, per sequence of ``Lq`` queries and ``Lk`` keys: ``causal`` 0 = none,
 1 = top-left (query ``i`` sees keys ``j <= i``, as SDPA's ``is_causal``), 2 = bottom-right
-(``j <= i + Lk - Lq``, what a KV cache needs); ANDed with the key padding mask.  A query
-row that sees no key gets ``out = 0``, ``lse = -inf`` and zero gradients.
+(``j <= i + Lk - Lq``, what a KV cache needs); ``window`` ``w > 0`` = sliding window: with
+query ``i`` at position ``p = i`` (``i + Lk - Lq`` for bottom-right), key ``j`` is visible iff
+``|p - j| < w`` (non-causal) or ``p - w < j <= p`` (causal), and key blocks wholly outside
+every row's window are never loaded; all ANDed with the key padding mask.  A query row
+that sees no key gets ``out = 0``, ``lse = -inf`` and zero gradients.
 
 Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hk)``.
 
@@ -88,7 +91,7 @@ def _pruner(acc_rows: str, max_acc_regs: int) -> dict:
     return {"early_config_prune": prune}
 
 
-_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "IS_VARLEN"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_MASK", "DROPOUT", "IS_VARLEN"]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter's (BLOCK_M, BLOCK_N)
 _FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3),
                  (64, 32, 4, 2), (32, 32, 4, 2)], (32, 16))
@@ -122,15 +125,50 @@ def _seq_bounds(CU, off_b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _visible(qi, kj, len_q, len_k, kpm, stride_mn, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+def _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, num_heads, group, stride_lb, stride_lh,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The prologue of a query-block program (grid: query blocks x sequences * query heads):
+    ``(start_m, off_b, off_h, off_hk, q_start, len_q, k_start, len_k, offs_m, offs_d,
+    row_ok, d_ok, lse_row)``; ``lse_row`` indexes lse / delta and is the dropout row id.
+    The caller returns at once when ``start_m * BLOCK_M >= len_q`` (a block past the end
+    of a shorter sequence)."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < len_q
+    d_ok = offs_d < HEAD_DIM  # head dims that are not powers of two: masked lanes read 0
+    lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
+    return start_m, off_b, off_h, off_h // group, q_start, len_q, k_start, len_k, offs_m, offs_d, row_ok, d_ok, lse_row
+
+
+@triton.jit
+def _shift(len_q, len_k, CAUSAL: tl.constexpr):
+    """Key position of query 0: ``Lk - Lq`` for bottom-right causal, else 0."""
+    if CAUSAL == 2:
+        return len_k - len_q
+    else:
+        return 0
+
+
+@triton.jit
+def _visible(qi, kj, len_q, len_k, kpm, stride_mn, window, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr):
     """Which (query ``qi``, key ``kj``) pairs attend; ``qi``/``kj`` broadcast to the tile."""
     vis = (qi < len_q) & (kj < len_k)
     if HAS_MASK:
         vis = vis & (tl.load(kpm + kj * stride_mn, mask=kj < len_k, other=0) != 0)
-    if CAUSAL == 1:
-        vis = vis & (kj <= qi)
-    elif CAUSAL == 2:
-        vis = vis & (kj <= qi + (len_k - len_q))
+    dist = qi + _shift(len_q, len_k, CAUSAL) - kj  # query position - key position
+    if CAUSAL != 0:
+        vis = vis & (dist >= 0)
+    if HAS_WINDOW:
+        vis = vis & (dist < window)
+        if CAUSAL == 0:
+            vis = vis & (dist > -window)
     return vis
 
 
@@ -161,12 +199,14 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``[lo, hi)``: the keys any query of block ``start_m`` can see, ``lo`` a multiple of
     ``BLOCK_N``.  With a padding mask, a scan of the mask row (``len_k`` bytes, against
     ``len_k * D * 4`` bytes of K and V) trims the padded keys at both ends, so padded
-    batches skip their padding's matmuls (a row with no key at all gets lo >= hi)."""
+    batches skip their padding's matmuls (a row with no key at all gets lo >= hi).  The
+    causal limit and the sliding window (keys within ``window`` of the block's first and
+    last query positions) cut the range further: local attention costs O(window) per row."""
     lo = 0
     hi = len_k
     if HAS_MASK:
@@ -179,10 +219,14 @@ def _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK: tl.constexpr, CA
             last = tl.maximum(last, tl.max(tl.where(keep, j, -1), 0))
         lo = (first // BLOCK_N) * BLOCK_N
         hi = last + 1
-    if CAUSAL == 1:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
-    elif CAUSAL == 2:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + (len_k - len_q))
+    first_pos = start_m * BLOCK_M + _shift(len_q, len_k, CAUSAL)  # key positions of the block's
+    last_pos = first_pos + BLOCK_M - 1                             # first and last query
+    if CAUSAL != 0:
+        hi = tl.minimum(hi, last_pos + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
+        if CAUSAL == 0:
+            hi = tl.minimum(hi, last_pos + window)
     return lo, hi
 
 
@@ -194,47 +238,39 @@ def _attn_fwd(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, num_heads, group,
+    seqlen_q, seqlen_k, num_heads, group, window,
     qk_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (sequence, head).  Q is read once, K and V once
     # per query block; O and the log-sum-exp are written once.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
-    off_hk = off_h // group
-    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    start_m, off_b, off_h, off_hk, q_start, len_q, k_start, len_k, offs_m, offs_d, row_ok, d_ok, lse_row = \
+        _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, num_heads, group, stride_lb, stride_lh,
+                     HEAD_DIM, BLOCK_D, IS_VARLEN, BLOCK_M)
     if start_m * BLOCK_M >= len_q:
         return
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM  # head dims that are not powers of two: masked lanes read 0
-    row_ok = offs_m < len_q
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     kpm = KPM + off_b * stride_mb
-    lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m  # also the dropout row id
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
+                        BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
         kv_ok = kj < len_k
         kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         s = _mma(q, kt, DOT_PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window, HAS_MASK, CAUSAL,
+                       HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
@@ -312,10 +348,10 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, num_kv_heads, group,
+    seqlen_q, seqlen_k, num_kv_heads, group, window,
     qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tiles are computed transposed (keys x queries) so that dV += P^T dO and
@@ -342,15 +378,21 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo = 0  # first query block that can see this key block
-    if CAUSAL == 1:
-        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    elif CAUSAL == 2:
-        lo = (tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0) // BLOCK_M) * BLOCK_M
+    # The queries that can see a key of this block: [lo, q_end), lo a multiple of BLOCK_M.
+    # Query i sits at key position i + shift: causal needs i + shift >= first key, the
+    # window i + shift > first key - window and i + shift < last key + window.
+    shift = _shift(len_q, len_k, CAUSAL)
+    lo = 0
+    if CAUSAL != 0:
+        lo = (tl.maximum(start_n * BLOCK_N - shift, 0) // BLOCK_M) * BLOCK_M
+    elif HAS_WINDOW:
+        lo = (tl.maximum(start_n * BLOCK_N - shift - window + 1, 0) // BLOCK_M) * BLOCK_M
     q_end = len_q
+    if HAS_WINDOW:
+        q_end = tl.minimum(q_end, (start_n + 1) * BLOCK_N - 1 - shift + window)
     if HAS_MASK:  # a key block that is all padding: zero gradients, skip the loop
         pad = tl.load(kpm + offs_n * stride_mn, mask=offs_n < len_k, other=0)
-        q_end = tl.where(tl.max(pad.to(tl.int32), 0) > 0, len_q, 0)
+        q_end = tl.where(tl.max(pad.to(tl.int32), 0) > 0, q_end, 0)
     for g in range(0, group):
         off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
@@ -365,7 +407,8 @@ def _attn_bwd_dkdv(
             lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
 
             st = _mma(k, tl.trans(q), DOT_PRECISION) * qk_scale
-            vis = _visible(offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+            vis = _visible(offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn, window, HAS_MASK, CAUSAL,
+                           HAS_WINDOW)
             st = tl.where(vis, st, float("-inf"))
             pt = tl.exp2(st - lse[None, :])  # P^T, normalised by the forward's lse
             dpt = _mma(v, tl.trans(do), DOT_PRECISION)  # d(P after dropout)^T
@@ -395,47 +438,39 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, num_heads, group,
+    seqlen_q, seqlen_k, num_heads, group, window,
     qk_scale, sm_scale, dropout_p, seed, Q_BUCKET, K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
-    off_hk = off_h // group
-    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    start_m, off_b, off_h, off_hk, q_start, len_q, k_start, len_k, offs_m, offs_d, row_ok, d_ok, lse_row = \
+        _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, num_heads, group, stride_lb, stride_lh,
+                     HEAD_DIM, BLOCK_D, IS_VARLEN, BLOCK_M)
     if start_m * BLOCK_M >= len_q:
         return
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < len_q
     q_mask = row_ok[:, None] & d_ok[None, :]
     rows = (q_start + offs_m)[:, None]
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do_ptrs = DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :]
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     kpm = KPM + off_b * stride_mb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
+                        BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
         kv_mask = (kj < len_k)[:, None] & d_ok[None, :]
         k = tl.load(k_base + kj[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, HAS_MASK, CAUSAL)
+        vis = _visible(offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window, HAS_MASK, CAUSAL,
+                       HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = _mma(do, tl.trans(v), DOT_PRECISION)
@@ -473,7 +508,7 @@ class _Layout:
     the lse / delta / dropout-row space, the key padding mask, compile-time features."""
 
     def __init__(self, q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 causal, dropout_p, scale, seed):
+                 causal, window, dropout_p, scale, seed):
         self.packed = cu_seqlens_q is not None
         if self.packed:
             tq, hq, d = q.shape
@@ -499,6 +534,7 @@ class _Layout:
         else:
             self.kpm, self.kpm_strides = q, (0, 0)  # never read when not HAS_MASK
         self.scale = float(scale)
+        self.window = int(window)
         self.dropout_p = float(dropout_p)
         self.seed = int(seed) if dropout_p > 0 else 0
         if self.dropout_p > 0 and math.prod(self.lse_shape) >= 2**31:
@@ -506,7 +542,7 @@ class _Layout:
                              f"got {math.prod(self.lse_shape)}")
         self.buckets = (_bucket(self.max_q), _bucket(self.max_k))
         self.meta = dict(
-            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=int(causal),
+            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=int(causal), HAS_WINDOW=self.window > 0,
             HAS_MASK=key_padding_mask is not None, DROPOUT=self.dropout_p > 0.0, IS_VARLEN=self.packed,
             DOT_PRECISION=_dot_precision(q.dtype),
         )
@@ -517,18 +553,18 @@ class _Layout:
     def scalars(self, heads: int, *, backward: bool):
         qk_scale = self.scale * LOG2E
         scales = (qk_scale, self.scale) if backward else (qk_scale,)
-        return (self.seqlen_q, self.seqlen_k, heads, self.group,
+        return (self.seqlen_q, self.seqlen_k, heads, self.group, self.window,
                 *scales, self.dropout_p, self.seed, *self.buckets)
 
 
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, dropout_p, scale, seed):
+                      causal, window, dropout_p, scale, seed):
     """Flash attention forward; returns ``(out, lse)``: ``out`` like ``q`` (same strides),
     ``lse`` fp32 natural-log ``(B, Hq, Sq)`` padded or ``(Hq, Tq)`` packed (-inf for a
     row that sees no key).  See the module docstring for layouts and masking."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  causal, dropout_p, scale, seed)
+                  causal, window, dropout_p, scale, seed)
     out = torch.empty_like(q)
     lse = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
@@ -543,13 +579,13 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
 
 
 def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed):
+                       max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale, seed):
     """Gradients ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` from the forward's ``out``
     and ``lse``; dropout is regenerated from ``seed``.  dK/dV sum over the query heads of
     each GQA group in fp32."""
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
     lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  causal, dropout_p, scale, seed)
+                  causal, window, dropout_p, scale, seed)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0 or lay.batch == 0 or lay.max_q == 0 or lay.max_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()

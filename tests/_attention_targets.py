@@ -1,5 +1,5 @@
-"""Targets (backend x device) shared by the attention tests, with the poisoned-allocation
-fixture and the tolerance checks.  Imported by name (pytest's ``pythonpath`` has tests/)."""
+"""Targets (backend x device) shared by the attention tests (each requests the NaN-poisoned
+allocations of conftest's ``poison``), and the tolerance checks.  Imported by name (pytest's ``pythonpath`` has tests/)."""
 import importlib
 from dataclasses import dataclass
 
@@ -52,27 +52,15 @@ class Target:
     def interpreted(self) -> bool:
         return self.backend == "triton" and self.device == "cpu"
 
-    def require(self, q, k, causal=False, dropout=False, packed=False):
+    def require(self, q, k, causal=False, dropout=False, packed=False, window=None):
         """Skip when a GPU backend declares it cannot serve this input (never on CPU)."""
         if self.device == "cpu":
             return
         problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal={False: 0, True: 1}.get(causal, 2),
-                             dropout=dropout, packed=packed, gqa=q.shape[1] != k.shape[1])
+                             window=window is not None, dropout=dropout, packed=packed, gqa=q.shape[1] != k.shape[1])
         reasons = registry.table("attention")[self.backend].unsupported_reasons(problem)
         if reasons:
             pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Outputs allocated with torch.empty / empty_like start as NaN, so unwritten elements show."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(real_empty_like(*a, **kw)))
 
 
 @pytest.fixture(params=TARGETS)

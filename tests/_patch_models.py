@@ -21,9 +21,16 @@ ENCODER_CONFIGS = {
                                             attention_dropout=0.0)),
     "albert": ("AlbertConfig", dict(embedding_size=24, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                     intermediate_size=37, num_hidden_groups=1)),
+    # layers: global, local, local; local_attention 6 = sliding_window 3: each local query sees
+    # the keys within distance 3 (the attention modules pass sliding_window + 1 = 4), which
+    # cuts the 11-token rows of the tests' batches
+    "modernbert": ("ModernBertConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=37, global_attn_every_n_layers=3, local_attention=6,
+                                            max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
+                                            eos_token_id=2, cls_token_id=2, sep_token_id=2)),
 }
 ENCODER_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
-                  "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert"}
+                  "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert", "modernbert": "ModernBert"}
 
 DECODER_CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
@@ -53,6 +60,9 @@ def encoder(model_type: str, head: str = "ForMaskedLM", dropout: float = 0.0, **
         kw.update(dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout, qa_dropout=dropout)
     if model_type == "electra":
         kw.update(summary_last_dropout=dropout)
+    if model_type == "modernbert":
+        kw = dict(ENCODER_CONFIGS[model_type][1], attention_dropout=dropout, embedding_dropout=dropout,
+                  mlp_dropout=dropout, classifier_dropout=dropout)
     config = getattr(transformers, config_name)(vocab_size=V, attn_implementation="sdpa", **kw, **extra)
     cls = getattr(transformers, ENCODER_PREFIX[model_type] + head)
     return cls(config)

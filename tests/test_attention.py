@@ -17,12 +17,16 @@ from fastlm import registry
 from fastlm.ops.attention import attention
 from fastlm.registry import BackendError, Problem
 
-# fixtures (target, poison, _no_tf32) and checks shared with test_varlen_attention.py
-from _attention_targets import _no_tf32, assert_close, assert_within_eager, poison, target  # noqa: F401
+# fixtures (target, _no_tf32) and checks shared with test_varlen_attention.py
+from _attention_targets import _no_tf32, assert_close, assert_within_eager, target  # noqa: F401
 
 # ----------------------------------------------------------------- float64 expectation
-def visible_mask(sq, sk, causal=False, key_padding_mask=None, device="cpu"):
-    """(B or 1, 1, sq, sk) bool: key j visible to query i."""
+def visible_mask(sq, sk, causal=False, key_padding_mask=None, device="cpu", window=None):
+    """(B or 1, 1, sq, sk) bool: key j visible to query i.
+
+    ``window`` w: query i sits at position i (i + sk - sq bottom-right) and sees the keys
+    at distance < w, only those not after it when causal (flash-attn's window_size =
+    (w - 1, w - 1) / (w - 1, 0))."""
     i = torch.arange(sq, device=device)[:, None]
     j = torch.arange(sk, device=device)[None, :]
     if causal is True:
@@ -31,6 +35,9 @@ def visible_mask(sq, sk, causal=False, key_padding_mask=None, device="cpu"):
         m = j <= i + (sk - sq)
     else:
         m = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window is not None:
+        pos = i + (sk - sq) if causal == "bottom_right" else i
+        m = m & ((pos - j).abs() < window)
     m = m[None, None]
     if key_padding_mask is not None:
         m = m & key_padding_mask[:, None, None, :]
@@ -124,7 +131,7 @@ def test_lse_matches_float64(target):
     mask = torch.ones(b, sk, dtype=torch.bool, device=target.device)
     mask[1] = False  # batch 1: every row fully masked
     scale = 0.3
-    out, lse = torch.ops.fastlm.attention(q, k, v, mask, None, None, 0, 0, 2, 0.0, scale, None, target.backend)
+    out, lse = torch.ops.fastlm.attention(q, k, v, mask, None, None, 0, 0, 2, 0, 0.0, scale, None, target.backend)
     assert lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
     s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(hq // hk, 1)) * scale
     s = s.masked_fill(~visible_mask(sq, sk, "bottom_right", mask, target.device), float("-inf"))
@@ -265,16 +272,75 @@ def test_dropout_forward_and_backward_use_one_mask(target):
         assert_close(got, want, 1e-4, f"d{name}")
 
 
+# ------------------------------------------------------------------------ sliding window
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, padding, window)
+WINDOW_CASES = [
+    (2, 2, 1, 9, 9, 16, False, "left", 1),  # window 1: itself only; padded rows see nothing
+    (2, 2, 2, 13, 13, 16, False, "right", 3),
+    (1, 2, 1, 7, 12, 16, False, None, 2),  # seq_q != seq_k without causal: top-left positions
+    (2, 2, 2, 9, 13, 16, True, "left", 4),  # top-left causal + window + left padding
+    (1, 2, 2, 11, 7, 16, "bottom_right", None, 3),  # bottom-right: the first rows see nothing
+    (1, 2, 2, 7, 7, 16, False, None, 50),  # window larger than the sequence: full attention
+    # several key blocks, most outside the window; the windows put block-range limits
+    # exactly on the interpreter's block edges, so an off-by-one there shows
+    (1, 2, 2, 40, 40, 16, False, "right", 2),
+    (1, 2, 1, 40, 40, 16, True, None, 18),
+    (2, 2, 1, 300, 600, 32, False, "left", 100),  # several 256-key CPU blocks skipped
+    (1, 2, 2, 520, 520, 16, True, "right", 70),
+]
+INTERPRETER_WINDOW_CASES = {0, 1, 2, 3, 4, 5, 6, 7}
+
+
+@pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
+def test_sliding_window_matches_float64(target, case):
+    if target.interpreted and case not in INTERPRETER_WINDOW_CASES:
+        pytest.skip("shape too slow for the Triton interpreter")
+    b, hq, hk, sq, sk, d, causal, padding, window = WINDOW_CASES[case]
+    q, k, v = make_qkv(b, hq, hk, sq, sk, d, bshd=True, device=target.device)
+    target.require(q, k, causal, window=window)
+    mask = padding_mask(b, sk, padding, target.device)
+    out = attention(q, k, v, key_padding_mask=mask, causal=causal, window=window, backend=target.backend)
+    expected = expected_attention(q, k, v, visible_mask(sq, sk, causal, mask, target.device, window))
+    assert_close(out, expected, 1e-4, "out")
+    dout = torch.randn_like(out)
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+def test_sliding_window_is_a_band():
+    """The window's edges, checked on the reference against the definition by counting
+    visible keys: |i - j| < w gives min(i, w-1) + 1 + min(S-1-i, w-1) keys per row."""
+    s, w = 10, 3
+    q = torch.zeros(1, 1, s, 16)  # uniform scores: out[i] = mean of the visible v rows
+    v = torch.eye(s, 16)[None, None]
+    out = attention(q, q, v, window=w, backend="reference")[0, 0, :, :s]
+    i = torch.arange(s)
+    count = torch.minimum(i, torch.tensor(w - 1)) + 1 + torch.minimum(s - 1 - i, torch.tensor(w - 1))
+    assert torch.equal((out > 0).sum(1), count)
+    causal = attention(q, q, v, window=w, causal=True, backend="reference")[0, 0, :, :s]
+    assert torch.equal((causal > 0).sum(1), torch.minimum(i + 1, torch.tensor(w)))
+
+
+def test_cuda_backend_declines_a_window():
+    problem = Problem.of("cuda", torch.float16, head_dim=64, causal=0, window=True, dropout=False,
+                         packed=False, gqa=False)
+    cuda = registry.table("attention")["cuda"]
+    assert cuda.limits(problem) == ["sliding window not implemented"]
+    assert cuda.limits(Problem.of("cuda", torch.float16, head_dim=64, causal=0, window=False)) == []
+
+
 # ----------------------------------------------------------------------------- gradcheck
-@pytest.mark.parametrize("causal,padding,dropout_p", [
-    (False, None, 0.0), (True, "left", 0.0), ("bottom_right", "right", 0.0), (True, "right", 0.3)])
-def test_reference_gradcheck(causal, padding, dropout_p):
+@pytest.mark.parametrize("causal,padding,dropout_p,window", [
+    (False, None, 0.0, None), (True, "left", 0.0, None), ("bottom_right", "right", 0.0, None),
+    (True, "right", 0.3, None), (False, "left", 0.0, 2), ("bottom_right", None, 0.3, 2)])
+def test_reference_gradcheck(causal, padding, dropout_p, window):
     q, k, v = make_qkv(2, 2, 1, 4, 5, 3, dtype=torch.float64)
     mask = padding_mask(2, 5, padding)
 
     def fn(q, k, v):
         torch.manual_seed(5)  # the same dropout mask on every evaluation
-        return attention(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p, backend="reference")
+        return attention(q, k, v, key_padding_mask=mask, causal=causal, window=window, dropout_p=dropout_p,
+                         backend="reference")
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -284,12 +350,12 @@ def test_opcheck():
     q, k, v = make_qkv(2, 4, 2, 5, 7, 16, bshd=True)
     mask = padding_mask(2, 7, "left")
     seed = torch.tensor([3], dtype=torch.int64)
-    args = (q, k, v, mask, None, None, 0, 0, 1, 0.2, 0.25, seed, "reference")
+    args = (q, k, v, mask, None, None, 0, 0, 1, 3, 0.2, 0.25, seed, "reference")
     torch.library.opcheck(torch.ops.fastlm.attention.default, args)
     out, lse = torch.ops.fastlm.attention(*args)
     torch.library.opcheck(torch.ops.fastlm.attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mask,
-                           None, None, 0, 0, 1, 0.2, 0.25, seed, "reference"))
+                           None, None, 0, 0, 1, 3, 0.2, 0.25, seed, "reference"))
 
 
 def test_torch_compile_fullgraph():
@@ -329,6 +395,9 @@ def _bad_inputs():
         ((q, k, v), {"key_padding_mask": ok_mask.to("meta")}, ValueError, "key_padding_mask is on meta"),
         ((q, k, v), {"causal": "top_right"}, ValueError, "causal must be False, True or 'bottom_right'"),
         ((q, k, v), {"causal": 1}, ValueError, "causal must be"),
+        ((q, k, v), {"window": 0}, ValueError, "window must be >= 1"),
+        ((q, k, v), {"window": 2.0}, TypeError, "window must be an int or None"),
+        ((q, k, v), {"window": True}, TypeError, "window must be an int or None"),
         ((q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p must be in"),
         ((q, k, v), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a float"),
         ((q, k, v), {"scale": "1"}, TypeError, "scale must be a float"),

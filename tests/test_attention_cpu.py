@@ -77,7 +77,7 @@ def call(ops, q, k, v, mask=None, causal=0, p=0.0, scale=None, seed=0, cu=None, 
     cu_q, cu_k = cu if cu is not None else (None, None)
     if cu is None:
         max_len = (q.shape[2], k.shape[2])
-    return ops.attention_forward(q, k, v, mask, cu_q, cu_k, max_len[0], max_len[1], causal, p, scale, seed)
+    return ops.attention_forward(q, k, v, mask, cu_q, cu_k, max_len[0], max_len[1], causal, 0, p, scale, seed)
 
 
 def call_backward(ops, dout, q, k, v, out, lse, mask=None, causal=0, p=0.0, scale=None, seed=0, cu=None, max_len=(0, 0)):
@@ -85,7 +85,7 @@ def call_backward(ops, dout, q, k, v, out, lse, mask=None, causal=0, p=0.0, scal
     cu_q, cu_k = cu if cu is not None else (None, None)
     if cu is None:
         max_len = (q.shape[2], k.shape[2])
-    return ops.attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_len[0], max_len[1], causal, p, scale, seed)
+    return ops.attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_len[0], max_len[1], causal, 0, p, scale, seed)
 
 
 def hf_layout(B, H, S, D, dtype=torch.float32):

@@ -27,16 +27,8 @@ pytestmark = pytest.mark.skipif(_device() == "cuda" and not torch.cuda.is_availa
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """The kernels allocate outputs with torch.empty / empty_like: fill those with NaN so
-    any element a kernel fails to write shows up."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(real_empty_like(*a, **kw)))
+def _poisoned(poison):
+    """Every test here runs with NaN-poisoned allocations (conftest's ``poison``)."""
 
 
 # --------------------------------------------------------------------- float64 truth
@@ -96,9 +88,9 @@ def run_kernels(q, k, v, mask=None, causal=0, dropout_p=0.0, seed=0, scale=None,
     """Forward + backward through the kernels; ``packed`` = (cu_q, cu_k, max_q, max_k)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cu_q, cu_k, max_q, max_k = packed or (None, None, 0, 0)
-    out, lse = attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed)
+    out, lse = attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, 0, dropout_p, scale, seed)
     dout = torch.randn_like(out) if dout is None else dout
-    grads = attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p,
+    grads = attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, causal, 0, dropout_p,
                                scale, seed)
     return out, lse, dout, grads
 
@@ -242,7 +234,7 @@ def uniform_identity_forward(b, h, sq, sk, dropout_p, seed, mask=None):
     q = torch.zeros(b, h, sq, sk, device=dev)
     k = torch.randn(b, h, sk, sk, device=dev)
     v = torch.eye(sk, device=dev).expand(b, h, sk, sk)
-    out, _ = attention_forward(q, k, v, mask, None, None, 0, 0, 0, dropout_p, 1.0, seed)
+    out, _ = attention_forward(q, k, v, mask, None, None, 0, 0, 0, 0, dropout_p, 1.0, seed)
     return out
 
 
@@ -279,7 +271,7 @@ def test_dropout_forward_backward_same_mask(mode):
         out, lse, dout, (dq, dk, dv) = run_kernels(q, k, v, mask, causal=1, dropout_p=p, seed=seed)
         # same q, k and mask, v = identity: out = dropped probabilities (nonzero where kept)
         eye = torch.eye(sk, device=dev).expand(b, hk, sk, sk)
-        probe, _ = attention_forward(q, k, eye, mask, None, None, 0, 0, 1, p, d ** -0.5, seed)
+        probe, _ = attention_forward(q, k, eye, mask, None, None, 0, 0, 1, 0, p, d ** -0.5, seed)
         keep = (probe != 0).double()
         ref_out, _, (rq, rk, rv) = float64_grads(q, k, v, dout, key_padding_mask=mask, causal=1, keep=keep,
                                                  dropout_p=p)
@@ -291,7 +283,7 @@ def test_dropout_forward_backward_same_mask(mode):
         # v[t] = e_(t's position in its sequence): out[i, :Lk] = dropped probabilities
         pos = torch.cat([torch.arange(n) for n in lens_k])
         eye = torch.eye(d)[pos][:, None, :].expand(-1, 2, d).contiguous().to(dev)
-        probe, _ = attention_forward(q, k, eye, None, cu_q, cu_k, packed[2], packed[3], 2, p, d ** -0.5, seed)
+        probe, _ = attention_forward(q, k, eye, None, cu_q, cu_k, packed[2], packed[3], 2, 0, p, d ** -0.5, seed)
         keep, bq = [], cu_q.tolist()
         for n, lk in enumerate(lens_k):
             keep.append((probe[bq[n]:bq[n + 1], :, :lk] != 0).double().transpose(0, 1)[None])

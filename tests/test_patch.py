@@ -5,6 +5,7 @@ Tolerance: 1e-5 relative (max abs error over max abs reference value), fp32.  Un
 and the fused kernels change only summation order, so the differences are a few ulps
 amplified through 2-3 layers.
 """
+import importlib
 import warnings
 
 import pytest
@@ -42,7 +43,7 @@ def test_masked_lm_training_matches(model_type):
     assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
 
 
-@pytest.mark.parametrize("model_type", ["bert", "albert", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "albert", "modernbert", "llama"])
 def test_float64_is_exact(model_type):
     """In float64 the patched model equals the unpatched one to rounding: the same maths."""
     model = encoder(model_type) if model_type != "llama" else decoder(model_type)
@@ -55,6 +56,11 @@ def test_float64_is_exact(model_type):
         labels = ids.masked_fill(mask == 0, -100)
         logits = ref(input_ids=ids, attention_mask=mask).logits
         loss_a = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+        loss_a.backward()
+    elif model_type == "modernbert":  # its masked-LM loss casts to float32 as well
+        labels = mlm_labels(ids, mask)
+        logits = ref(input_ids=ids, attention_mask=mask).logits
+        loss_a = torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
         loss_a.backward()
     else:
         labels = mlm_labels(ids, mask)
@@ -105,6 +111,205 @@ def test_encoder_heads_match(model_type, head):
     assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
 
 
+@pytest.mark.parametrize("model_type", list(ENCODER_CONFIGS))
+def test_left_padding_runs_padded_so_position_0_matches(model_type):
+    """Poolers and classification heads read position 0, a padding token under left padding:
+    such a batch runs padded (fused attention), so logits, loss, gradients and even the
+    padded positions' outputs are transformers'."""
+    ref, new = twins(encoder(model_type, "ForSequenceClassification").train())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS, left=True)
+    labels = torch.randint(0, 2, (len(LENGTHS),))
+    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close_rel(b.logits.detach(), a.logits.detach(), REL, "logits")
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
+    assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
+    body_a, body_b = (m.base_model.eval() for m in (ref, new))
+    with torch.no_grad():
+        h_a, h_b = (m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (body_a, body_b))
+    assert_close_rel(h_b, h_a, REL, "last_hidden_state, padded positions included")
+
+
+# ------------------------------------------------------------------------------ ModernBERT
+# Its tiny config (tests/_patch_models.py) alternates a global layer with two local ones
+# whose window (sliding_window 3) is shorter than the 11-token rows; the encoder tests above
+# cover it with right padding, these its own paths.
+def _modernbert_inputs(head, ids, mask):
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if head == "ForMaskedLM":
+        inputs["labels"] = mlm_labels(ids, mask)
+    elif head == "ForSequenceClassification":
+        inputs["labels"] = torch.randint(0, 2, (ids.shape[0],))
+    elif head == "ForTokenClassification":
+        inputs["labels"] = torch.where(mask == 1, torch.randint(0, 2, ids.shape), -100)
+    return inputs
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+@pytest.mark.parametrize("head, pooling", [("ForMaskedLM", "cls"), ("Model", "cls"), ("ForTokenClassification", "cls"),
+                                           ("ForSequenceClassification", "cls"), ("ForSequenceClassification", "mean")])
+def test_modernbert_padding_sides_match(head, left, pooling):
+    ref, new = twins(encoder("modernbert", head, classifier_pooling=pooling).train())
+    report = fastlm.patch(new)
+    assert report.patched == ["attention", "unpad"] + (["head"] if head == "ForMaskedLM" else []), str(report)
+    ids, mask = padded_batch(LENGTHS, left=left)
+    inputs = _modernbert_inputs(head, ids, mask)
+    a, b = ref(**inputs), new(**inputs)
+    valid = mask.reshape(-1) == 1
+    if head == "Model":
+        h_a, h_b = (o.last_hidden_state.reshape(valid.numel(), -1) for o in (a, b))
+        assert_close_rel(h_b[valid], h_a[valid], REL, "last_hidden_state")
+        if left:  # run padded: padded positions are transformers' too
+            assert_close_rel(h_b[~valid], h_a[~valid], REL, "padded positions")
+        else:
+            assert h_b[~valid].abs().max() == 0
+        loss_a, loss_b = (h[valid].square().mean() for h in (h_a, h_b))
+    else:
+        if head == "ForMaskedLM":
+            assert b.logits is None
+        elif head == "ForTokenClassification":
+            assert_close_rel(b.logits.reshape(valid.numel(), -1)[valid], a.logits.reshape(valid.numel(), -1)[valid],
+                             REL, "logits")
+        else:
+            assert_close_rel(b.logits, a.logits, REL, "logits")
+        assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
+        loss_a, loss_b = a.loss, b.loss
+    loss_a.backward()
+    loss_b.backward()
+    assert_same_grads(ref, new, REL)
+
+
+def _record_attention_calls(monkeypatch):
+    """(layout, window) of every fused attention call; the softmax fallback fails the test."""
+    ops = importlib.import_module("fastlm.ops.attention")  # the module (fastlm.ops.attention is the function)
+    calls = []
+    for layout, name in (("padded", "attention"), ("packed", "varlen_attention")):
+        def spy(*args, _real=getattr(ops, name), _layout=layout, **kwargs):
+            calls.append((_layout, kwargs.get("window")))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+
+    def no_fallback(reason):
+        raise AssertionError(f"softmax fallback: {reason}")
+    monkeypatch.setattr("fastlm.patching.attention._warn_once", no_fallback)
+    return calls
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_modernbert_local_layers_run_the_fused_window(monkeypatch, unpad):
+    """Packed (unpadded) or padded, the local layers reach the fused kernels with the window
+    transformers' flash path uses (sliding_window + 1 = 4), the global one without."""
+    ref, new = twins(encoder("modernbert", "Model").eval())
+    fastlm.patch(new, unpad=unpad)
+    calls = _record_attention_calls(monkeypatch)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, attention_mask=mask), new(input_ids=ids, attention_mask=mask)
+    assert calls == [("packed" if unpad else "padded", w) for w in (None, 4, 4)]
+    valid = mask.bool()
+    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "last_hidden_state")
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_window_falls_back_exactly_when_the_backend_lacks_it(monkeypatch, unpad):
+    """A backend without sliding windows (the cuda one) gets the softmax path with the window
+    in its dense mask (per sequence when packed), still transformers' result."""
+    ref, new = twins(encoder("modernbert", "Model").eval())
+    fastlm.patch(new, unpad=unpad)
+    monkeypatch.setattr(importlib.import_module("fastlm.ops.attention"), "serves", lambda *a, **kw: False)
+    reasons = []
+    monkeypatch.setattr("fastlm.patching.attention._warn_once", reasons.append)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, attention_mask=mask), new(input_ids=ids, attention_mask=mask)
+    assert reasons == ["backend 'auto' has no sliding window"] * 2  # the two local layers
+    valid = mask.bool()
+    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "last_hidden_state")
+
+
+def test_modernbert_mask_with_holes_and_hidden_states_run_padded(monkeypatch):
+    """A mask with holes changes distances between real tokens once packed, so that batch
+    runs padded (window over padded positions, as transformers counts them); so does a call
+    asking for hidden states.  Both stay on the fused kernels and match transformers."""
+    ref, new = twins(encoder("modernbert", "Model").eval())
+    fastlm.patch(new)
+    calls = _record_attention_calls(monkeypatch)
+    ids, mask = padded_batch([11, 9, 11])
+    mask[0, 3:6] = 0
+    valid = mask.bool()
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        b = new(input_ids=ids, attention_mask=mask)
+        assert calls == [("padded", w) for w in (None, 4, 4)]
+        ids2, mask2 = padded_batch([11, 9, 11])
+        c = ref(input_ids=ids2, attention_mask=mask2, output_hidden_states=True)
+        d = new(input_ids=ids2, attention_mask=mask2, output_hidden_states=True)
+    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "holes")
+    for x, y in zip(d.hidden_states, c.hidden_states):
+        assert_close_rel(x[mask2.bool()], y[mask2.bool()], REL, "hidden states")
+
+
+def test_modernbert_explicit_position_ids_and_embeddings():
+    """Caller's position ids (here 5, 7, 9, ...) and inputs_embeds reach the packed run unchanged."""
+    ref, new = twins(encoder("modernbert", "Model").eval())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS)
+    pos = (5 + 2 * torch.arange(ids.shape[1]))[None].expand(ids.shape)  # not arange: distances count
+    embeds = ref.embeddings.tok_embeddings(ids).detach()
+    valid = mask.bool()
+    with torch.no_grad():
+        for kw in (dict(input_ids=ids, position_ids=pos), dict(inputs_embeds=embeds)):
+            a, b = ref(attention_mask=mask, **kw), new(attention_mask=mask, **kw)
+            assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, str(list(kw)))
+
+
+def test_modernbert_masked_lm_num_items_in_batch():
+    """ModernBERT's loss is transformers' ForMaskedLMLoss: sum / num_items_in_batch when given."""
+    ref, new = twins(encoder("modernbert", "ForMaskedLM").train())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS)
+    labels = mlm_labels(ids, mask)
+    n = torch.tensor(40)
+    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
+    assert_same_grads(ref, new, REL)
+
+
+def test_modernbert_unpatch_restores_bit_identical_outputs():
+    model = encoder("modernbert", "ForMaskedLM").train()
+    ids, mask = padded_batch(LENGTHS, left=True)
+    labels = mlm_labels(ids, mask)
+    before = model(input_ids=ids, attention_mask=mask, labels=labels)
+    fastlm.patch(model)
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is None
+    fastlm.unpatch(model)
+    after = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("_fastlm_originals" in m.__dict__ for m in model.modules())
+
+
+def test_mask_builder_serves_only_the_bidirectional_window_as_2d():
+    """transformers' bidirectional sliding-window pattern gets the 2D padding mask (the kernel
+    applies the window); causal windows, chunks and look-alikes keep the 4D mask."""
+    from transformers import masking_utils as mu
+
+    from fastlm.patching.attention import fastlm_mask
+
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :3] = False
+    common = dict(batch_size=2, q_length=9, kv_length=9, attention_mask=padding, use_vmap=False)
+    band = mu.sliding_window_bidirectional_mask_function(3)
+    assert torch.equal(fastlm_mask(mask_function=band, local_size=3, **common), padding)
+    for function, size in ((band, 2),  # the band is not what the builder claims
+                           (mu.sliding_window_causal_mask_function(3), 3),
+                           (mu.and_masks(band, lambda b, h, q, kv: kv != 4), 3)):
+        mask = fastlm_mask(mask_function=function, local_size=size, **common)
+        assert mask.dim() == 4, function
+
+
 def test_question_answering_loss_without_padding():
     ref, new = twins(encoder("bert", "ForQuestionAnswering"))
     fastlm.patch(new)
@@ -143,10 +348,10 @@ def test_causal_lm_num_items_in_batch(model_type):
     assert_same_grads(ref, new, REL)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "modernbert", "llama"])
 def test_eval_outputs_and_logits_match(model_type):
     """Eval mode (and labels absent): full logits as transformers returns them."""
-    model = encoder(model_type) if model_type == "bert" else decoder(model_type)
+    model = decoder(model_type) if model_type == "llama" else encoder(model_type)
     ref, new = twins(model.eval())
     fastlm.patch(new)
     ids, mask = padded_batch(LENGTHS)
@@ -178,9 +383,10 @@ def test_padding_is_honoured():
     assert (unmasked[0, :5] - out[0, :5]).abs().max() > 1e-3
 
 
-def test_packed_batch_kwargs():
+@pytest.mark.parametrize("model_type", ["bert", "modernbert"])
+def test_packed_batch_kwargs(model_type):
     """Flattened batch (1, T) + cu_seq_lens / max_length kwargs as DataCollatorWithFlattening makes."""
-    model = encoder("bert", "Model").eval()
+    model = encoder(model_type, "Model").eval()
     fastlm.patch(model)
     ids, mask = padded_batch([4, 7, 1], seq=7)
     with torch.no_grad():

@@ -8,13 +8,14 @@ import torch
 from fastlm.ops.attention import attention, varlen_attention
 
 
-from _attention_targets import _no_tf32, assert_close, assert_within_eager, poison, target  # noqa: F401
+from _attention_targets import _no_tf32, assert_close, assert_within_eager, target  # noqa: F401
 
 
-def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0):
+def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0, window=None):
     """float64 attention of one sequence: q (Lq, Hq, D), k/v (Lk, Hk, D) -> (Lq, Hq, D).
 
-    Queries with no visible key give 0; ``keep`` (Hq, Lq, Lk) is an explicit dropout mask.
+    Queries with no visible key give 0; ``keep`` (Hq, Lq, Lk) is an explicit dropout mask;
+    ``window`` w: query i at position i (i + Lk - Lq bottom-right) sees keys at distance < w.
     """
     q, k, v = q.double(), k.double(), v.double()
     lq, lk, groups = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
@@ -28,6 +29,9 @@ def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.
         visible = j <= i + lk - lq
     else:
         visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if window is not None:
+        pos = i + lk - lq if causal == "bottom_right" else i
+        visible = visible & ((pos - j).abs() < window)
     visible = visible.expand(s.shape)
     any_visible = visible.any(-1, keepdim=True)
     s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
@@ -54,9 +58,9 @@ def spans(cu_q, cu_k):
     return [(slice(cq[n], cq[n + 1]), slice(ck[n], ck[n + 1])) for n in range(len(cq) - 1)]
 
 
-def expected_packed(q, k, v, cu_q, cu_k, causal=False, keep=None, dropout_p=0.0):
+def expected_packed(q, k, v, cu_q, cu_k, causal=False, keep=None, dropout_p=0.0, window=None):
     return torch.cat([expected_sequence(q[rq], k[rk], v[rk], causal, keep=None if keep is None else keep[n],
-                                        dropout_p=dropout_p)
+                                        dropout_p=dropout_p, window=window)
                       for n, (rq, rk) in enumerate(spans(cu_q, cu_k))])
 
 
@@ -88,6 +92,53 @@ def test_packed_matches_float64(target, case):
     want = torch.autograd.grad(expected, (q, k, v), dout)
     for name, g, w in zip("qkv", got, want):
         assert_close(g, w, 1e-4, f"d{name}")
+
+
+# (lengths_q, lengths_k, heads_q, heads_kv, head_dim, causal, window)
+WINDOW_CASES = [
+    ([1, 7, 13, 3], [1, 7, 13, 3], 4, 2, 16, False, 3),
+    ([5, 1, 9], [8, 4, 2], 4, 1, 16, "bottom_right", 2),  # sequence 2: 9 queries, 2 keys
+    ([4, 6], [9, 3], 2, 1, 16, True, 1),  # window 1 causal: the diagonal only
+    ([12, 20], [12, 20], 2, 2, 16, False, 100),  # window larger than every sequence
+    ([40, 3], [40, 3], 2, 2, 16, False, 2),  # a block edge of the interpreter's tiles
+    ([300, 1, 520], [300, 1, 520], 2, 1, 32, True, 70),  # several 256-key CPU blocks skipped
+]
+INTERPRETER_WINDOW_CASES = {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
+def test_packed_sliding_window_matches_float64(target, case):
+    if target.interpreted and case not in INTERPRETER_WINDOW_CASES:
+        pytest.skip("shape too slow for the Triton interpreter")
+    lengths_q, lengths_k, hq, hk, d, causal, window = WINDOW_CASES[case]
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths_q, lengths_k, hq, hk, d, device=target.device)
+    target.require(q, k, causal, packed=True, window=window)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window, backend=target.backend)
+    expected = expected_packed(q, k, v, cu_q, cu_k, causal, window=window)
+    assert_close(out, expected, 1e-4, "out")
+    dout = torch.randn_like(out)
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout),
+                          torch.autograd.grad(expected, (q, k, v), dout)):
+        assert_close(g, w, 1e-4, f"d{name}")
+
+
+def test_packed_window_equals_padded_window(target):
+    """Packed and left-padded layouts of the same sequences agree under a window: the
+    window counts positions from each sequence's first token, padding shifts them alike."""
+    lengths, hq, hk, d, window = [3, 11, 8], 2, 1, 16, 4
+    q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, requires_grad=False, device=target.device)
+    target.require(q, k, packed=True, window=window)
+    packed = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, window=window, backend=target.backend)
+    b, s = len(lengths), max(lengths)
+    qp, kp, vp = (torch.zeros(b, s, t.shape[1], d, device=target.device) for t in (q, k, v))
+    mask = torch.zeros(b, s, dtype=torch.bool, device=target.device)
+    for n, ((rows, _), length) in enumerate(zip(spans(cu_q, cu_k), lengths)):
+        for dst, src in ((qp, q), (kp, k), (vp, v)):
+            dst[n, s - length:] = src[rows]
+        mask[n, s - length:] = True
+    padded = attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), key_padding_mask=mask,
+                       window=window, backend=target.backend).transpose(1, 2)
+    assert_close(packed, padded[mask], 1e-5, "left-padded batch")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -172,13 +223,14 @@ def test_packed_dropout_forward_and_backward_use_one_mask(target):
     assert torch.equal(out, again)
 
 
-@pytest.mark.parametrize("causal,dropout_p", [(False, 0.0), ("bottom_right", 0.0), (True, 0.4)])
-def test_reference_gradcheck(causal, dropout_p):
+@pytest.mark.parametrize("causal,dropout_p,window", [
+    (False, 0.0, None), ("bottom_right", 0.0, None), (True, 0.4, None), (False, 0.0, 2), ("bottom_right", 0.4, 2)])
+def test_reference_gradcheck(causal, dropout_p, window):
     q, k, v, cu_q, cu_k, mq, mk = pack([1, 4, 3], [2, 3, 5], 2, 1, 3, dtype=torch.float64)
 
     def fn(q, k, v):
         torch.manual_seed(9)
-        return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, dropout_p=dropout_p,
+        return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window, dropout_p=dropout_p,
                                 backend="reference")
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
@@ -187,13 +239,13 @@ def test_reference_gradcheck(causal, dropout_p):
 def test_opcheck():
     q, k, v, cu_q, cu_k, mq, mk = pack([1, 6, 3], [4, 6, 2], 4, 2, 16)
     seed = torch.tensor([8], dtype=torch.int64)
-    args = (q, k, v, None, cu_q, cu_k, mq, mk, 2, 0.1, 0.3, seed, "reference")
+    args = (q, k, v, None, cu_q, cu_k, mq, mk, 2, 2, 0.1, 0.3, seed, "reference")
     torch.library.opcheck(torch.ops.fastlm.attention.default, args)
     out, lse = torch.ops.fastlm.attention(*args)
     assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
     torch.library.opcheck(torch.ops.fastlm.attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                           None, cu_q, cu_k, mq, mk, 2, 0.1, 0.3, seed, "reference"))
+                           None, cu_q, cu_k, mq, mk, 2, 2, 0.1, 0.3, seed, "reference"))
 
 
 def test_torch_compile_fullgraph():

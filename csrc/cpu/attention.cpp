@@ -11,8 +11,12 @@
 //   dK/dV of a kv head sum over its query heads in fp32 (grouped-query attention).
 // * key blocks that no query of the block can see are skipped: keys outside the
 //   first..last attended key of the padding mask (left or right padding), key
-//   blocks the mask hides entirely, and keys after the causal limit.  That is
-//   where padding turns into speed.
+//   blocks the mask hides entirely, keys after the causal limit and keys outside
+//   the sliding window of every row of the block.  That is where padding (and a
+//   local window) turns into speed.
+// * sliding window w (0: none): with the query at position p = i (+ Lk - Lq for
+//   bottom-right causal), key j is visible iff |p - j| < w, or p - w < j <= p when
+//   causal; each row's visible keys are one interval [row_begin, row_end).
 // * low precision (bf16/fp16) K and V are converted to fp32 once per (sequence,
 //   kv head) and thread, Q and dO once per query block; all accumulation is fp32.
 // * dropout multiplies the normalised probabilities by keep / (1 - p); the keep
@@ -101,16 +105,17 @@ inline __attribute__((always_inline)) float fast_exp(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-// Masks one row of scores (keys >= valid_end and keys the padding mask hides become
-// -inf), updates the running max / sum and overwrites the row with
+// Masks one row of scores (keys outside [valid_begin, valid_end) and keys the padding
+// mask hides become -inf), updates the running max / sum and overwrites the row with
 // exp(s - new max).  Returns the factor exp(old max - new max) the accumulator
 // must be rescaled by.  A row that has seen no key yet keeps m = -inf, l = 0, P = 0.
 FASTLM_MULTIVERSION
-float online_softmax_row(float* s, int64_t n, int64_t valid_end, const bool* key_ok, float& m, float& l) {
+float online_softmax_row(float* s, int64_t n, int64_t valid_begin, int64_t valid_end, const bool* key_ok, float& m,
+                         float& l) {
   float mx = m;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) {
-    const bool ok = j < valid_end && (key_ok == nullptr || key_ok[j]);
+    const bool ok = j >= valid_begin && j < valid_end && (key_ok == nullptr || key_ok[j]);
     const float x = ok ? s[j] : kNegInf;
     s[j] = x;
     mx = std::max(mx, x);
@@ -134,13 +139,13 @@ float online_softmax_row(float* s, int64_t n, int64_t valid_end, const bool* key
 
 // Backward: P = exp(s - lse) on visible keys, 0 elsewhere (and 0 for a row with lse = -inf).
 FASTLM_MULTIVERSION
-void probs_row(float* s, int64_t n, int64_t valid_end, const bool* key_ok, float lse) {
+void probs_row(float* s, int64_t n, int64_t valid_begin, int64_t valid_end, const bool* key_ok, float lse) {
   if (lse == kNegInf) {
     std::fill(s, s + n, 0.0f);
     return;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const bool ok = j < valid_end && (key_ok == nullptr || key_ok[j]);
+    const bool ok = j >= valid_begin && j < valid_end && (key_ok == nullptr || key_ok[j]);
     s[j] = ok ? fast_exp(s[j] - lse) : 0.0f;
   }
 }
@@ -201,6 +206,7 @@ struct Geometry {
   const int32_t* cu_k = nullptr;
   const bool* key_mask = nullptr;  // (nseq, seqlen_k) contiguous
   int64_t causal;
+  int64_t window;  // 0: none
   float scale;
   uint32_t drop_threshold;
   float drop_scale;
@@ -211,10 +217,16 @@ struct Geometry {
   int64_t len_q(int64_t n) const { return cu_q ? cu_q[n + 1] - cu_q[n] : seqlen_q; }
   int64_t len_k(int64_t n) const { return cu_k ? cu_k[n + 1] - cu_k[n] : seqlen_k; }
   const bool* mask(int64_t n) const { return key_mask ? key_mask + n * seqlen_k : nullptr; }
-  // query i sees keys j < key_end(n, i) (and the padding mask): causal offset
-  int64_t causal_shift(int64_t n) const { return causal == 2 ? len_k(n) - len_q(n) : 0; }
+  // query i sits at key position i + shift(n) and sees keys j in
+  // [key_begin(n, i, kmin), key_end(n, i, kmax)) (and the padding mask); both bounds
+  // grow with i, so a block of rows sees [key_begin of its first row, key_end of its last)
+  int64_t shift(int64_t n) const { return causal == 2 ? len_k(n) - len_q(n) : 0; }
+  int64_t key_begin(int64_t n, int64_t i, int64_t kmin) const {
+    return window ? std::max(kmin, i + shift(n) - window + 1) : kmin;
+  }
   int64_t key_end(int64_t n, int64_t i, int64_t kmax) const {
-    return causal ? std::min(kmax, std::max<int64_t>(i + causal_shift(n) + 1, 0)) : kmax;
+    const int64_t last = causal ? i + shift(n) : window ? i + shift(n) + window - 1 : kmax;
+    return std::min(kmax, std::max<int64_t>(last + 1, 0));
   }
   // The attended key range [kmin, kmax) of sequence n: outside it the mask hides every key.
   void key_range(int64_t n, int64_t& kmin, int64_t& kmax) const {
@@ -249,7 +261,7 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
     std::vector<float> qf(kBlockQ * D), kf, vf, s(kBlockQ * kBlockK), acc(kBlockQ * D);
     int64_t converted = -1;  // the (sequence, kv head) whose K/V kf/vf hold in fp32
     float m[kBlockQ], l[kBlockQ];
-    int64_t row_end[kBlockQ];
+    int64_t row_begin[kBlockQ], row_end[kBlockQ];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (g.heads_q * qblocks), h = (item / qblocks) % g.heads_q, qb = item % qblocks;
       const int64_t Lq = g.len_q(n), i0 = qb * kBlockQ;
@@ -273,13 +285,14 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
       }
       for (int64_t r = 0; r < M; ++r) {
         load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
+        row_begin[r] = g.key_begin(n, i0 + r, kmin);
         row_end[r] = g.key_end(n, i0 + r, kmax);
         m[r] = kNegInf;
         l[r] = 0.0f;
       }
       std::fill(acc.begin(), acc.begin() + M * D, 0.0f);
-      const int64_t block_end = row_end[M - 1];  // causal limits grow with the row
-      for (int64_t kb = kmin; kb < block_end; kb += kBlockK) {
+      const int64_t block_end = row_end[M - 1];  // causal / window limits grow with the row
+      for (int64_t kb = row_begin[0]; kb < block_end; kb += kBlockK) {
         const int64_t N = std::min(kBlockK, block_end - kb);
         bool hidden;
         const bool* key_ok = g.block_mask(n, kb, N, hidden);
@@ -296,7 +309,7 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
         gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, ldk, 0.0f, s.data(), kBlockK);
         for (int64_t r = 0; r < M; ++r) {
           float* sr = s.data() + r * kBlockK;
-          const float alpha = online_softmax_row(sr, N, row_end[r] - kb, key_ok, m[r], l[r]);
+          const float alpha = online_softmax_row(sr, N, row_begin[r] - kb, row_end[r] - kb, key_ok, m[r], l[r]);
           if (alpha != 1.0f) scale_row(acc.data() + r * D, D, alpha);
           if (g.drop_threshold) {
             const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
@@ -327,7 +340,7 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
     std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D), p(kBlockQ * kBlockK),
         dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
     float delta[kBlockQ], lrow[kBlockQ];
-    int64_t row_end[kBlockQ];
+    int64_t row_begin[kBlockQ], row_end[kBlockQ];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / g.heads_k, hk = item % g.heads_k;
       const int64_t Lq = g.len_q(n), Lk = g.len_k(n);
@@ -356,11 +369,12 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
             load_row(dop + r * ldo.row, D, 1.0f, dof.data() + r * D);
             delta[r] = row_dot(dof.data() + r * D, op + r * lo.row, D);
             lrow[r] = lp[r * ll.row];
+            row_begin[r] = g.key_begin(n, i0 + r, kmin);
             row_end[r] = g.key_end(n, i0 + r, kmax);
           }
           std::fill(dqf.begin(), dqf.begin() + M * D, 0.0f);
           const int64_t block_end = row_end[M - 1];
-          for (int64_t kb = kmin; kb < block_end; kb += kBlockK) {
+          for (int64_t kb = row_begin[0]; kb < block_end; kb += kBlockK) {
             const int64_t N = std::min(kBlockK, block_end - kb);
             bool hidden;
             const bool* key_ok = g.block_mask(n, kb, N, hidden);
@@ -373,7 +387,7 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
             for (int64_t r = 0; r < M; ++r) {
               float* pr = p.data() + r * kBlockK;
               float* dpr = dp.data() + r * kBlockK;
-              probs_row(pr, N, row_end[r] - kb, key_ok, lrow[r]);
+              probs_row(pr, N, row_begin[r] - kb, row_end[r] - kb, key_ok, lrow[r]);
               if (g.drop_threshold) {
                 // forward used P * Z (Z = keep / (1 - p)); so dV takes P * Z and dP = Z * dO V^T
                 const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
@@ -422,7 +436,8 @@ Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.c
 // Validates the operands and fills the geometry (shapes, masks, sequence table).
 Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& kpm,
                        const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k, int64_t max_q,
-                       int64_t max_k, int64_t causal, double dropout_p, double scale, int64_t seed, Tensor& mask_hold) {
+                       int64_t max_k, int64_t causal, int64_t window, double dropout_p, double scale, int64_t seed,
+                       Tensor& mask_hold) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "fastlm attention (cpu): q, k, v must be CPU tensors");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -430,6 +445,7 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "fastlm attention (cpu): dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(causal >= 0 && causal <= 2, "fastlm attention: causal must be 0, 1 (top-left) or 2 (bottom-right)");
+  TORCH_CHECK(window >= 0, "fastlm attention: window must be >= 0 (0: no sliding window)");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastlm attention: dropout_p must be in [0, 1)");
   const bool packed = cu_q.has_value();
   TORCH_CHECK(packed == cu_k.has_value(), "fastlm attention: cu_seqlens_q and cu_seqlens_k go together");
@@ -478,6 +494,7 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
   TORCH_CHECK(g.heads_k > 0 && g.heads_q % g.heads_k == 0, "fastlm attention: query heads must be a multiple of kv heads");
   g.head_dim = hdim;
   g.causal = causal;
+  g.window = window;
   g.scale = static_cast<float>(scale);
   g.drop_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
   g.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
@@ -498,12 +515,12 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tenso
                                                  const c10::optional<Tensor>& key_padding_mask,
                                                  const c10::optional<Tensor>& cu_seqlens_q,
                                                  const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                                 int64_t max_seqlen_k, int64_t causal, double dropout_p, double scale,
-                                                 int64_t seed) {
+                                                 int64_t max_seqlen_k, int64_t causal, int64_t window,
+                                                 double dropout_p, double scale, int64_t seed) {
   const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   Tensor mask_hold;
   const Geometry g = make_geometry(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, dropout_p, scale, seed, mask_hold);
+                                   causal, window, dropout_p, scale, seed, mask_hold);
   const bool packed = cu_seqlens_q.has_value();
   Tensor out = at::empty_like(q_in);
   Tensor lse = lse_empty(q, g, packed);
@@ -520,12 +537,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
     const Tensor& lse_in, const c10::optional<Tensor>& key_padding_mask, const c10::optional<Tensor>& cu_seqlens_q,
     const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal,
-    double dropout_p, double scale, int64_t seed) {
+    int64_t window, double dropout_p, double scale, int64_t seed) {
   const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const Tensor out = last_dim_contiguous(out_in), dout = last_dim_contiguous(dout_in);
   Tensor mask_hold;
   const Geometry g = make_geometry(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, dropout_p, scale, seed, mask_hold);
+                                   causal, window, dropout_p, scale, seed, mask_hold);
   const bool packed = cu_seqlens_q.has_value();
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fastlm attention backward: dout and out must have q's shape");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
@@ -551,12 +568,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
 TORCH_LIBRARY_FRAGMENT(fastlm_C, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
-      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int causal, float dropout_p, float scale, "
-      "int seed) -> (Tensor out, Tensor lse)");
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int causal, int window, float dropout_p, "
+      "float scale, int seed) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-      "int causal, float dropout_p, float scale, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int causal, int window, float dropout_p, float scale, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {

@@ -40,8 +40,8 @@ FastlmAttnStrides lse_strides(const Tensor& lse, bool packed) {
 // Checks shared by forward and backward; fills everything but the tensors' pointers.
 FastlmAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& kpm,
                              const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k, int64_t max_q,
-                             int64_t max_k, int64_t causal, double dropout_p, double scale, int64_t seed,
-                             Tensor& mask_hold) {
+                             int64_t max_k, int64_t causal, int64_t window, double dropout_p, double scale,
+                             int64_t seed, Tensor& mask_hold) {
   const char* who = "fastlm attention (cuda, compiled, unverified)";
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), who, ": q, k, v must be on one CUDA device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), who, ": q, k, v must share a dtype");
@@ -50,6 +50,9 @@ FastlmAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, 
   TORCH_CHECK(q.size(-1) == 64 || q.size(-1) == 128, who, ": head_dim must be 64 or 128, got ", q.size(-1));
   TORCH_CHECK(k.size(-1) == q.size(-1) && v.sizes() == k.sizes(), who, ": k and v must have the same shape and q's head_dim");
   TORCH_CHECK(causal >= 0 && causal <= 2, who, ": causal must be 0, 1 (top-left) or 2 (bottom-right)");
+  // the schema carries the sliding window for the other backends; these kernels have none
+  // (fastlm.ops.attention's cuda limits refuse it, so "auto" never brings one here)
+  TORCH_CHECK(window == 0, who, ": sliding window not implemented");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, who, ": dropout_p must be in [0, 1)");
   TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q < (1 << 30) && max_k < (1 << 30), who, ": bad max_seqlen");
   const bool packed = cu_q.has_value();
@@ -125,13 +128,13 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& q_in, const Tens
                                                   const c10::optional<Tensor>& key_padding_mask,
                                                   const c10::optional<Tensor>& cu_seqlens_q,
                                                   const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                                  int64_t max_seqlen_k, int64_t causal, double dropout_p,
-                                                  double scale, int64_t seed) {
+                                                  int64_t max_seqlen_k, int64_t causal, int64_t window,
+                                                  double dropout_p, double scale, int64_t seed) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   Tensor mask_hold;
   FastlmAttnParams p = make_params(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, dropout_p, scale, seed, mask_hold);
+                                   causal, window, dropout_p, scale, seed, mask_hold);
   const bool packed = cu_seqlens_q.has_value();
   Output out(q_in);
   Tensor lse = lse_empty(q, p, packed);
@@ -158,12 +161,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
     const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
     const Tensor& lse_in, const c10::optional<Tensor>& key_padding_mask, const c10::optional<Tensor>& cu_seqlens_q,
     const c10::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal,
-    double dropout_p, double scale, int64_t seed) {
+    int64_t window, double dropout_p, double scale, int64_t seed) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), out = aligned(out_in), dout = aligned(dout_in);
   Tensor mask_hold;
   FastlmAttnParams p = make_params(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, dropout_p, scale, seed, mask_hold);
+                                   causal, window, dropout_p, scale, seed, mask_hold);
   const bool packed = cu_seqlens_q.has_value();
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type() && dout.device() == q.device() && out.device() == q.device(),

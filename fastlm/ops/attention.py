@@ -6,8 +6,8 @@ Both public functions go through one registered op family, ``fastlm::attention``
 call inside the op (:func:`fastlm.registry.select`), so tracing never sees it.
 
 Problem facts given to the backends' ``limits``: ``head_dim`` (int), ``causal`` (int code:
-0 none, 1 top-left, 2 bottom-right), ``dropout`` (bool), ``packed`` (bool), ``gqa`` (bool:
-fewer kv heads than query heads).
+0 none, 1 top-left, 2 bottom-right), ``window`` (bool: a sliding window is given),
+``dropout`` (bool), ``packed`` (bool), ``gqa`` (bool: fewer kv heads than query heads).
 """
 import math
 from typing import Optional
@@ -37,9 +37,12 @@ def _triton_limits(problem: Problem) -> list[str]:
 
 
 def _cuda_limits(problem: Problem) -> list[str]:
+    reasons = []
     if problem["head_dim"] not in (64, 128):
-        return [f"head_dim {problem['head_dim']} not in (64, 128)"]
-    return []
+        reasons.append(f"head_dim {problem['head_dim']} not in (64, 128)")
+    if problem.get("window", False):
+        reasons.append("sliding window not implemented")
+    return reasons
 
 
 registry.register(
@@ -51,9 +54,10 @@ registry.register(
 )
 
 
-def _select(q: Tensor, k: Tensor, packed: bool, causal: int, dropout_p: float, backend: str) -> Implementation:
-    problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal=causal, dropout=dropout_p > 0.0,
-                         packed=packed, gqa=q.shape[1] != k.shape[1])
+def _select(q: Tensor, k: Tensor, packed: bool, causal: int, window: int, dropout_p: float,
+            backend: str) -> Implementation:
+    problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal=causal, window=window > 0,
+                         dropout=dropout_p > 0.0, packed=packed, gqa=q.shape[1] != k.shape[1])
     return registry.select(OP, problem, backend)
 
 
@@ -71,16 +75,17 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 @torch.library.custom_op("fastlm::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, causal: int, dropout_p: float, scale: float,
-                  seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    impl = _select(q, k, cu_seqlens_q is not None, causal, dropout_p, backend)
+                  max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int, dropout_p: float,
+                  scale: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    impl = _select(q, k, cu_seqlens_q is not None, causal, window, dropout_p, backend)
     return impl.function("forward")(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                    max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, _seed_value(seed))
+                                    max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
+                                    _seed_value(seed))
 
 
 @_attention_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, dropout_p, scale, seed, backend):
+      causal, window, dropout_p, scale, seed, backend):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -89,34 +94,35 @@ def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                           causal: int, dropout_p: float, scale: float, seed: Optional[Tensor],
+                           causal: int, window: int, dropout_p: float, scale: float, seed: Optional[Tensor],
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _select(q, k, cu_seqlens_q is not None, causal, dropout_p, backend)
+    impl = _select(q, k, cu_seqlens_q is not None, causal, window, dropout_p, backend)
     return impl.function("backward")(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, _seed_value(seed))
+                                     max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
+                                     _seed_value(seed))
 
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, dropout_p, scale, seed, backend):
+      causal, window, dropout_p, scale, seed, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed, backend = inputs
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, window, dropout_p, scale, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
-    ctx.scalars = (max_q, max_k, causal, dropout_p, scale)
+    ctx.scalars = (max_q, max_k, causal, window, dropout_p, scale)
     ctx.backend = backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
-    max_q, max_k, causal, dropout_p, scale = ctx.scalars
+    max_q, max_k, causal, window, dropout_p, scale = ctx.scalars
     dq, dk, dv = _attention_backward_op(_last_dim_contiguous(dout), q, k, v, out, lse, mask, cu_q, cu_k,
-                                        max_q, max_k, causal, dropout_p, scale, seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                        max_q, max_k, causal, window, dropout_p, scale, seed, ctx.backend)
+    return (dq, dk, dv) + (None,) * 11
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -145,6 +151,17 @@ def _causal_code(causal) -> int:
         if causal is value or (isinstance(causal, str) and causal == value):
             return code
     raise ValueError(f"causal must be False, True or 'bottom_right', got {causal!r}")
+
+
+def _window_code(window) -> int:
+    """The kernel-level window: 0 for None, else the window (an int >= 1)."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (or None for no window), got {window}")
+    return window
 
 
 def _resolve_scale(scale, head_dim: int) -> float:
@@ -197,8 +214,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen, max_name: s
 
 # ------------------------------------------------------------------- public functions
 def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
-              causal=False, dropout_p: float = 0.0, scale: Optional[float] = None,
-              backend: str = "auto") -> Tensor:
+              causal=False, window: Optional[int] = None, dropout_p: float = 0.0,
+              scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Attention over padded batches, as ``F.scaled_dot_product_attention``.
 
     Args:
@@ -212,6 +229,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
             ``is_causal`` also when seq_q != seq_k); ``"bottom_right"`` = aligned to the last
             key (query i sees j <= i + seq_k - seq_q), as a KV cache needs.  Combined with
             ``key_padding_mask``, both masks apply.
+        window: None, or a sliding window (local attention) ``w >= 1``.  Query i sits at
+            position ``p_i = i`` (``i + seq_k - seq_q`` with ``"bottom_right"``); key j is
+            visible iff ``|p_i - j| < w`` without causal, ``p_i - w < j <= p_i`` with it
+            (flash-attn's ``window_size=(w-1, w-1)`` / ``(w-1, 0)``; transformers passes
+            ``w`` as ``sliding_window``).  Positions are indices of the padded row, so the
+            window ANDs with ``key_padding_mask`` as transformers' masks do.
         dropout_p: dropout on the attention probabilities (kept ones scaled by 1/(1-p)),
             seeded from torch's CPU generator, so ``torch.manual_seed`` reproduces a run.
         scale: score scale; default ``1 / sqrt(head_dim)``.
@@ -227,17 +250,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         raise ValueError(f"q and k/v must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
     causal = _causal_code(causal)
+    window = _window_code(window)
     dropout_p = _common.check_probability("dropout_p", dropout_p)
     scale = _resolve_scale(scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _attention_op(q, k, v, key_padding_mask, None, None, 0, 0, causal, dropout_p, scale,
+    out, _ = _attention_op(q, k, v, key_padding_mask, None, None, 0, 0, causal, window, dropout_p, scale,
                            _common.dropout_seed(dropout_p), backend)
     return out
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                     max_seqlen_q: int, max_seqlen_k: int, *, causal=False, dropout_p: float = 0.0,
-                     scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal=False, window: Optional[int] = None,
+                     dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Attention over packed variable-length sequences (no padding anywhere).
 
     Args:
@@ -247,8 +271,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             non-decreasing, ending at total_q / total_k.  Checked on CPU; on a GPU the
             values are not checked (that would cost a host sync per call).
         max_seqlen_q, max_seqlen_k: python ints >= every sequence's length.
-        causal, dropout_p, scale, backend: as :func:`attention`, per sequence (bottom_right
-            aligns each sequence's last query with its last key).
+        causal, window, dropout_p, scale, backend: as :func:`attention`, per sequence
+            (bottom_right aligns each sequence's last query with its last key; window
+            positions count from each sequence's first token).
 
     Returns:
         ``(total_q, heads_q, head_dim)`` in q's dtype; a query with no visible key (an empty
@@ -262,9 +287,21 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     causal = _causal_code(causal)
+    window = _window_code(window)
     dropout_p = _common.check_probability("dropout_p", dropout_p)
     scale = _resolve_scale(scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, _ = _attention_op(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                           dropout_p, scale, _common.dropout_seed(dropout_p), backend)
+                           window, dropout_p, scale, _common.dropout_seed(dropout_p), backend)
     return out
+
+
+def serves(q: Tensor, k: Tensor, *, packed: bool = False, causal=False, window: Optional[int] = None,
+           dropout_p: float = 0.0, backend: str = "auto") -> bool:
+    """Whether ``backend`` (``"auto"`` or a name, as :func:`attention` takes it) can serve a call
+    on tensors like ``q``/``k`` with these features (dtype, head dim, window, ...)."""
+    try:
+        _select(q, k, packed, _causal_code(causal), _window_code(window), dropout_p, backend)
+    except registry.BackendError:
+        return False
+    return True

@@ -10,8 +10,9 @@ Mechanisms (each its own module), chosen per family by the table in
   transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (2D padding masks,
   packed batches, causal with left padding, dropout, grouped-query), switched on with the
   model's own ``set_attn_implementation``;
-* :mod:`~fastlm.patching.unpad`: BERT-family encoders run on packed real tokens, padding
-  removed once after the embeddings and restored once at the end (zeros at padded positions);
+* :mod:`~fastlm.patching.unpad`: BERT-family encoders (ModernBERT included, sliding-window
+  layers too) run on packed real tokens, padding removed once before the layers and
+  restored once at the end (zeros at padded positions);
 * :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
   labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
 * :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
@@ -114,14 +115,18 @@ def _patch_attention(target, backend, report) -> None:
 
 
 def _patch_unpad(target, family, unpad, attention, report) -> None:
-    from fastlm.patching.unpad import patch_encoder
+    from fastlm.patching.unpad import patch_encoder, patch_packed_body
 
     if not unpad:
         report.add("unpad", NOT_APPLICABLE, "unpad=False")
-    elif family.encoder is None:
+    elif family.encoder is None and not family.packed_body:
         report.add("unpad", NOT_APPLICABLE, "decoder family: padding served by the attention's key-padding mask")
     elif not attention:
         report.add("unpad", UNSUPPORTED, "needs attention=True (the packed layers run fastlm's varlen attention)")
+    elif family.packed_body:
+        patch_packed_body(target.base_model)
+        report.add("unpad", PATCHED, f"{type(target.base_model).__name__} runs on packed tokens "
+                                     "(padding removed once, positions kept)")
     else:
         encoder = getattr(target.base_model, family.encoder, None)
         if encoder is None:

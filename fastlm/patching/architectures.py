@@ -6,12 +6,16 @@ with an untouched head) by the model class name.  Adding a family is adding a ro
 * ``encoder``: attribute of the base model (``model.base_model``) holding the layer stack
   to run unpadded, or None (decoders: their padding is served by the fused attention's
   key-padding mask, and rotary/cache code expects padded positions);
-* ``masked_lm``: how to run the MLM head on selected rows (transform, decoder);
+* ``packed_body``: instead of an encoder module, the base model itself runs on the packed
+  real tokens (it accepts a flattened batch with ``position_ids`` and ``cu_seq_lens_*``;
+  see :mod:`fastlm.patching.unpad`): ModernBERT, whose rotary positions and
+  sliding-window (local) layers live in the base model's forward;
+* ``masked_lm``: how to run the MLM head on selected rows (transform, decoder, and
+  whether the family's loss honours the Trainer's ``num_items_in_batch``);
 * ``causal_lm``: the ``lm_head`` of a ``*ForCausalLM`` / ``*LMHeadModel`` (plain linear).
 
 Families not listed (or listed features a model lacks) are left as they were, with one
-warning naming them.  ModernBERT is not listed: it mixes sliding-window and global layers
-and has its own unpadding; it would only get the (exact, slower) softmax fallback.
+warning naming them.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class MaskedLMHead:
     body: str                                  # attribute of the *ForMaskedLM holding the base model
     transform: Callable                        # (model, rows (N, H)) -> (N, E): the head before the decoder
     decoder: Callable                          # model -> nn.Linear (E -> V), weight usually tied
+    num_items: bool = False                    # loss = sum / num_items_in_batch when given (ForMaskedLMLoss)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Family:
     encoder: str | None = None
     masked_lm: MaskedLMHead | None = None
     causal_lm: CausalLMHead | None = None
+    packed_body: bool = False
 
 
 def _roberta_transform(m, h):
@@ -68,6 +74,8 @@ FAMILIES = (
                         lambda m: m.vocab_projector)),
     Family("ALBERT", ("albert",), "encoder",
            MaskedLMHead("albert", _albert_transform, lambda m: m.predictions.decoder)),
+    Family("ModernBERT", ("modernbert",), packed_body=True,
+           masked_lm=MaskedLMHead("model", lambda m, h: m.head(h), lambda m: m.decoder, num_items=True)),
     Family("Llama", ("llama",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Mistral", ("mistral",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Qwen2", ("qwen2",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),

@@ -7,12 +7,14 @@ not optional: for a name missing from the mask interface transformers skips mask
 creation and hands the attention function ``attention_mask=None``, silently dropping
 the padding.
 
-Mask builder: for the plain causal / bidirectional patterns it returns what the flash
+Mask builder: for the plain causal / bidirectional patterns, and for the bidirectional
+sliding-window pattern (ModernBERT's local layers), it returns what the flash
 implementations get, the 2D ``(batch, kv_len)`` bool padding mask or None (no padding),
-so the fused kernel reads B x S booleans instead of a B x S x S mask.  Any other pattern
-(sliding window, packed-sequence detection from ``position_ids``, custom ``and``/``or``
-mask functions) gets SDPA's 4D bool mask, which the attention function serves through
-the softmax path: slower, never wrong.
+so the fused kernel reads B x S booleans instead of a B x S x S mask; the window then
+comes from the ``sliding_window`` argument the attention module passes (as with flash).
+Any other pattern (causal sliding window, chunked, packed-sequence detection from
+``position_ids``, custom ``and``/``or`` mask functions) gets SDPA's 4D bool mask, which
+the attention function serves through the softmax path: slower, never wrong.
 
 Attention function, per call:
 
@@ -23,9 +25,13 @@ Attention function, per call:
   models use bottom-right alignment (query i of the last ``q_len`` positions sees keys up
   to its own position), which is top-left when ``q_len == kv_len`` and right for a KV cache;
   left padding is just masked keys.  Grouped-query k/v go in unexpanded.
+* in both, a ``sliding_window`` w shorter than the sequences becomes the kernels'
+  ``window=w``: flash-attn's ``window_size=(w - 1, w - 1)`` (``(w - 1, 0)`` causal), i.e.
+  what transformers' flash path does with it and what its sdpa/eager masks encode.
 * a 4D mask (custom or built above), ``output_attentions=True``, or a sliding window
-  that actually cuts: ``q @ k^T`` -> ``fastlm.ops.softmax`` (scale, mask, dropout in one
-  pass) -> ``@ v``, returning the probabilities; one warning per reason per process.
+  that an explicitly requested backend cannot serve: ``q @ k^T`` -> ``fastlm.ops.softmax``
+  (scale, mask, dropout in one pass) -> ``@ v``, returning the probabilities; one warning
+  per reason per process.
 * softcapping or attention sinks (``softcap``/``s_aux``): not served; raises, since no
   patched architecture has them.
 
@@ -65,52 +71,55 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout:
     -> ``(attn_output (B, Sq, Hq, D), attn_weights or None)``."""
     # (from the submodules: once fastlm.ops.attention is imported, the package attribute
     # ``fastlm.ops.attention`` is that submodule, not the function)
-    from fastlm.ops.attention import attention, varlen_attention
+    from fastlm.ops.attention import attention, serves, varlen_attention
     from fastlm.ops.softmax import softmax
 
     if softcap is not None or s_aux is not None:
         raise NotImplementedError("fastlm attention does not serve logit softcapping or attention sinks; "
                                   "fastlm.patch does not switch such models to it")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    causal_mode = "bottom_right" if causal else False
     backend = _backend(module)
     k, v = key.to(query.dtype), value.to(query.dtype)
     seq_q, seq_k = query.shape[2], k.shape[2]
 
     cu_q = kwargs.get("cu_seq_lens_q")
-    if cu_q is not None and not kwargs.get("output_attentions", False):
+    packed = cu_q is not None
+    if packed:
         if query.shape[0] != 1:
             raise ValueError(f"packed attention (cu_seq_lens_q given) needs batch size 1, got {query.shape[0]}")
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
         max_q = _as_int(kwargs["max_length_q"])
         max_k = _as_int(kwargs.get("max_length_k", max_q))
-        if sliding_window is not None and sliding_window < max_k:
-            raise NotImplementedError("fastlm attention: packed sequences with a sliding window are not served")
-        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
-        out = varlen_attention(
-            query[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-            cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-            causal="bottom_right" if causal else False, dropout_p=dropout, scale=scaling, backend=backend)
-        return out.unsqueeze(0), None
+    # A window cuts only when some query-key distance reaches it (distances < max(len_q, len_k));
+    # one that does not is dropped, as transformers' flash path drops it.
+    longest = max(max_q, max_k) if packed else max(seq_q, seq_k)
+    window = sliding_window if sliding_window is not None and sliding_window < longest else None
 
     mask = attention_mask
     reason = None
-    if cu_q is not None:  # packed and output_attentions: block-diagonal mask over the sequences
+    if kwargs.get("output_attentions", False):
         reason = "output_attentions=True needs the attention probabilities"
-        mask = _dense_mask(None, 1, seq_q, seq_k, causal, sliding_window, query.device,
-                           segments=(cu_q, kwargs.get("cu_seq_lens_k", cu_q)))
-    elif kwargs.get("output_attentions", False):
-        reason = "output_attentions=True needs the attention probabilities"
-    elif mask is not None and mask.dim() == 4:
+    elif not packed and mask is not None and mask.dim() == 4:
         reason = "a 4D attention mask (custom, or a pattern beyond padding + causal)"
-    elif sliding_window is not None and seq_k > sliding_window:
-        reason = "a sliding window shorter than the keys"
+    elif window is not None and not serves(query, k, packed=packed, causal=causal_mode, window=window,
+                                           dropout_p=dropout, backend=backend):
+        reason = f"backend {backend!r} has no sliding window"
+    if reason is None and packed:
+        out = varlen_attention(
+            query[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+            cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+            causal=causal_mode, window=window, dropout_p=dropout, scale=scaling, backend=backend)
+        return out.unsqueeze(0), None
     if reason is None:
-        out = attention(query, k, v, key_padding_mask=mask,
-                            causal="bottom_right" if causal else False,
-                            dropout_p=dropout, scale=scaling, backend=backend)
+        out = attention(query, k, v, key_padding_mask=mask, causal=causal_mode, window=window,
+                        dropout_p=dropout, scale=scaling, backend=backend)
         return out.transpose(1, 2), None
 
     _warn_once(reason)
-    if mask is None or mask.dim() != 4:
+    if packed:  # block-diagonal mask over the sequences
+        mask = _dense_mask(None, 1, seq_q, seq_k, causal, sliding_window, query.device, segments=(cu_q, cu_k))
+    elif mask is None or mask.dim() != 4:
         mask = _dense_mask(mask, query.shape[0], seq_q, seq_k, causal, sliding_window, query.device)
     groups = query.shape[1] // k.shape[1]
     if groups > 1:
@@ -150,6 +159,33 @@ def _dense_mask(padding, batch, seq_q, seq_k, causal, window, device, segments=N
     return keep
 
 
+def _is_bidirectional_window(mask_function, q_offset, kv_offset, kwargs) -> bool:
+    """Whether ``mask_function`` is transformers' plain bidirectional sliding-window pattern,
+    ``|q - kv| <= local_size`` (``create_bidirectional_sliding_window_mask`` without extra
+    and/or functions, which would set ``use_vmap``).  Its closure is built anew per call, so
+    it is recognised by value: on a probe grid wider than the band, in both directions.
+    Batch-dependent patterns (packed-sequence remaps, chunks, blocks) exist only on top of
+    causal ones, which are never symmetric bands, so they fail the probe.
+
+    The window the fused kernel applies is the attention module's ``sliding_window``, as
+    with transformers' flash path: ModernBERT passes ``local_size + 1`` (its comment says
+    so), and ``|q - kv| < local_size + 1`` is this band exactly (tests/test_patch.py checks
+    the model against sdpa)."""
+    window = kwargs.get("local_size")
+    if window is None or kwargs.get("use_vmap", False) or not isinstance(window, int):
+        return False
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
+        return False
+    idx = torch.arange(2 * window + 3)
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, idx[:, None], idx[None, :])
+    except Exception:  # noqa: BLE001 - not an index-based pattern: not this one
+        return False
+    want = (idx[:, None] - idx[None, :]).abs() <= window
+    return isinstance(got, torch.Tensor) and torch.equal(torch.broadcast_to(got, want.shape), want)
+
+
 def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask=None, **kwargs):
     """transformers mask-interface function (see module docstring)."""
@@ -158,7 +194,7 @@ def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     plain = (getattr(mu, "causal_mask_function", None), getattr(mu, "bidirectional_mask_function", None))
     if mask_function is None:
         mask_function = mu.causal_mask_function
-    if mask_function in plain:
+    if mask_function in plain or _is_bidirectional_window(mask_function, q_offset, kv_offset, kwargs):
         return mu.flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                        mask_function, attention_mask, **kwargs)
     return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

@@ -10,8 +10,9 @@ model is training AND ``labels`` are given:
   count), runs the head transform on those rows only, and computes the loss with
   ``fastlm.ops.linear_cross_entropy`` (decoder matmul + CE fused, logits never stored);
 * returns ``logits=None`` (as ModernBERT's ``sparse_prediction`` and Liger do); the loss is
-  the same mean over labelled positions.  A batch with no labelled position gives 0.0
-  (transformers gives NaN).
+  the same mean over labelled positions, or for families whose loss is transformers'
+  ``ForMaskedLMLoss`` (ModernBERT) and a Trainer that passes ``num_items_in_batch``, the
+  sum divided by it.  A batch with no labelled position gives 0.0 (transformers gives NaN).
 
 In eval mode, or without labels, the original forward runs (full logits, same loss).
 The decoder weight is tied to the word embeddings: the fused op returns its gradient
@@ -78,9 +79,14 @@ def patch_masked_lm(model, spec, backend: str) -> None:
             return_dict = named.pop("return_dict", None)
             if return_dict is None:
                 return_dict = getattr(self.config, "return_dict", True)
+            num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
             body = getattr(self, spec.body)(**named, return_dict=True)
             hidden, targets = labelled_rows(body[0], labels)
-            loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend)
+            if num_items is None:
+                loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend)
+            else:
+                loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend, reduction="sum")
+                loss = loss / (num_items.to(loss.device) if hasattr(num_items, "to") else num_items)
             out = output_like(MaskedLMOutput, loss, body)
             return out if return_dict else out.to_tuple()
         return forward

@@ -1,6 +1,9 @@
-"""Unpadded encoders: remove padding once after the embeddings, re-pad once at the end.
+"""Unpadded encoders: remove padding once, run every layer on packed tokens, re-pad once.
 
-The encoder stack (``BertEncoder``, DistilBERT's ``Transformer``, ...) receives the
+Two mechanisms, chosen by the family's row in :mod:`fastlm.patching.architectures`.
+
+**Encoder module** (``Family.encoder``: BERT, RoBERTa, DistilBERT, ALBERT, ...).  The
+encoder stack (``BertEncoder``, DistilBERT's ``Transformer``, ...) receives the
 embeddings ``(B, S, H)`` and, with the ``"fastlm"`` mask builder, the 2D bool padding
 mask ``(B, S)``.  Its replacement forward
 
@@ -14,15 +17,37 @@ mask ``(B, S)``.  Its replacement forward
    activation now runs on T instead of B x S rows: the saving is the padding share;
 3. scatters ``last_hidden_state`` back to ``(B, S, H)``; padded positions are ZEROS (with
    transformers' own implementations they hold values computed from attending to the
-   real tokens, which no loss or head should read).
+   real tokens, which no loss or token-level head should read).
 
-Any mask holes work (left/right padding, or arbitrary), since bidirectional attention
-over a sequence's real tokens does not depend on where they sat.  The encoder runs the
-original way (padded) for a call that needs per-layer outputs in padded layout
-(``output_hidden_states`` / ``output_attentions``), cross-attention, a cache, a decoder
-config, a 4D mask or an already packed batch; the base-model wrapper decides the first.
+Right padding and mask holes work, since bidirectional attention over a sequence's real
+tokens does not depend on where they sat.  LEFT padding (some row starts with padding)
+runs the original way (padded, fused attention with the key-padding mask): poolers and
+sequence-classification heads read position 0, which is then a padding token whose
+output transformers computes (meaningless, but the unpatched model trains on it, so the
+patched one must give the same).  The encoder also runs padded for a call that needs
+per-layer outputs in padded layout (``output_hidden_states`` / ``output_attentions``),
+cross-attention, a cache, a decoder config, a 4D mask or an already packed batch; the
+base-model wrapper decides the first.
+
+**Packed body** (``Family.packed_body``: ModernBERT).  Its base model has no encoder
+module (``embeddings`` -> ``layers`` -> ``final_norm`` inside one forward that also computes
+the rotary tables from ``position_ids``), but it takes a packed batch as it is: ids
+``(1, T)``, ``position_ids`` ``(1, T)`` and the flash keyword arguments, as
+``DataCollatorWithFlattening`` makes them.  So the base model's forward is wrapped, not
+copied: the real tokens' ids (or embeddings, which are per token) and their ORIGINAL
+position ids (``arange(S)`` over the padded row, or the caller's) are gathered, the
+original forward runs on them with no mask (a ``{layer type: None}`` mapping: nothing to
+build) and ``cu_seq_lens_*``, and ``last_hidden_state`` is re-padded with zeros.  Rotary
+angles are those of the padded run exactly; sliding-window layers run the varlen kernel
+with the window, whose distances in the packed row equal the padded row's as long as
+each row's real tokens are contiguous.  Left padding (``classifier_pooling="cls"`` reads
+position 0), a mask with holes, or a call wanting per-layer outputs, runs the original
+forward (padded, fused attention).  Heads read the re-padded output: zeros at padded
+positions.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +58,7 @@ from fastlm.patching import binding
 class Packing:
     """Where the real tokens of a padded ``(B, S)`` batch go in the packed ``(T,)`` layout."""
 
-    __slots__ = ("indices", "cu_seqlens", "max_seqlen", "batch", "seqlen")
+    __slots__ = ("indices", "cu_seqlens", "max_seqlen", "contiguous", "first_real", "batch", "seqlen")
 
     def __init__(self, mask: torch.Tensor):
         self.batch, self.seqlen = mask.shape
@@ -41,7 +66,15 @@ class Packing:
         seqlens = mask.sum(dim=1, dtype=torch.int32)
         self.indices = mask.reshape(-1).nonzero().squeeze(1)       # host sync #1 (size of T)
         self.cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
-        self.max_seqlen = int(seqlens.max()) if self.batch else 0  # host sync #2, once per forward
+        # host sync #2, once per forward: the longest sequence, whether every row's real
+        # tokens are one run (left / right padding), i.e. keep their distances when packed,
+        # and whether every row starts with a real token (no left padding)
+        pos = torch.arange(self.seqlen, device=mask.device)
+        span = torch.where(mask, pos, -1).amax(1) - torch.where(mask, pos, self.seqlen).amin(1) + 1
+        holes = ((span != seqlens) & (seqlens > 0)).sum(dtype=torch.int32)
+        left = (~mask[:, 0]).sum(dtype=torch.int32) if self.seqlen else holes
+        facts = torch.stack([seqlens.max(), holes, left]).tolist() if self.batch else (0, 0, 0)
+        self.max_seqlen, self.contiguous, self.first_real = facts[0], facts[1] == 0, facts[2] == 0
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, S, ...)`` -> ``(1, T, ...)`` (index_select: the backward is a scatter-add)."""
@@ -61,6 +94,11 @@ class Packing:
 _BLOCKING_KWARGS = ("encoder_hidden_states", "cache", "past_key_values", "cu_seq_lens_q")
 
 
+def _wants_layers(config, kwargs) -> bool:
+    """The call asks for per-layer outputs, which callers expect in padded layout."""
+    return any(kwargs.get(flag, getattr(config, flag, False)) for flag in ("output_hidden_states", "output_attentions"))
+
+
 def patch_encoder(base_model, encoder) -> None:
     """Bind the unpadding forward on ``encoder`` and the per-call gate on ``base_model``."""
     config = base_model.config
@@ -71,6 +109,8 @@ def patch_encoder(base_model, encoder) -> None:
             if not _can_unpad(self, config, hidden_states, attention_mask, args, kwargs):
                 return original(hidden_states, attention_mask, *args, **kwargs)
             packing = Packing(attention_mask)
+            if not packing.first_real:  # left padding: see the module docstring
+                return original(hidden_states, attention_mask, *args, **kwargs)
             out = original(packing.unpad(hidden_states), None, *args, **kwargs, **packing.attention_kwargs())
             if isinstance(out, tuple):
                 return (packing.repad(out[0]), *out[1:])
@@ -80,9 +120,7 @@ def patch_encoder(base_model, encoder) -> None:
 
     def make_base_forward(original):
         def forward(self, *args, **kwargs):
-            wants_layers = any(kwargs.get(flag, getattr(config, flag, False))
-                               for flag in ("output_hidden_states", "output_attentions"))
-            if not wants_layers:
+            if not _wants_layers(config, kwargs):
                 return original(*args, **kwargs)
             encoder._fastlm_unpad_enabled = False  # per-layer outputs are wanted in padded layout
             try:
@@ -102,3 +140,38 @@ def _can_unpad(encoder, config, hidden_states, attention_mask, args, kwargs) -> 
             and not getattr(config, "is_decoder", False)
             and all(a is None for a in args)
             and all(kwargs.get(name) is None for name in _BLOCKING_KWARGS))
+
+
+def patch_packed_body(base_model) -> None:
+    """Bind the packing forward on a base model that takes packed batches (see module docstring)."""
+    config = base_model.config
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def forward(self, *args, **kwargs):
+            named = binding.split_call(signature, args, kwargs)
+            mask = named.pop("attention_mask", None)
+            ids, embeds = named.pop("input_ids", None), named.pop("inputs_embeds", None)
+            tokens = ids if ids is not None else embeds
+            if (_wants_layers(config, named) or not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                    or tokens is None or mask.shape != tokens.shape[:2] or named.get("cu_seq_lens_q") is not None):
+                return original(*args, **kwargs)
+            packing = Packing(mask)
+            if not (packing.contiguous and packing.first_real):  # window distances / position 0: run padded
+                return original(*args, **kwargs)
+            positions = named.pop("position_ids", None)
+            if positions is None:  # the model's own default: arange over the padded row
+                positions = torch.arange(mask.shape[1], device=mask.device)[None]
+            no_masks = {kind: None for kind in set(config.layer_types)}  # transformers uses a mapping as given
+            out = original(input_ids=None if ids is None else packing.unpad(ids),
+                           inputs_embeds=None if embeds is None else packing.unpad(embeds),
+                           position_ids=packing.unpad(positions.expand(mask.shape)), attention_mask=no_masks,
+                           **named, **packing.attention_kwargs())
+            if isinstance(out, tuple):
+                return (packing.repad(out[0]), *out[1:])
+            out.last_hidden_state = packing.repad(out.last_hidden_state)
+            return out
+        return forward
+
+    binding.bind(base_model, "forward", make)

@@ -3,9 +3,9 @@
 Kernel-level contract (every backend of ``fastlm::attention`` implements exactly this)::
 
     attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed) -> (out, lse)
+                      max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale, seed) -> (out, lse)
     attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed) -> (dq, dk, dv)
+                       max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale, seed) -> (dq, dk, dv)
 
 * Padded mode (``cu_seqlens_q is None``): q ``(B, Hq, Sq, D)``, k/v ``(B, Hk, Sk, D)``, any
   strides with last-dim stride 1; ``key_padding_mask`` ``(B, Sk)`` bool (True = attend) or
@@ -16,6 +16,14 @@ Kernel-level contract (every backend of ``fastlm::attention`` implements exactly
 * ``causal``: 0 none; 1 top-left (query i sees keys j <= i, as SDPA ``is_causal``); 2
   bottom-right (query i sees keys j <= i + Lk - Lq, as flash-attn / a KV cache), per
   sequence.  In padded mode the causal mask and the key padding mask are both applied.
+* ``window``: 0 none; ``w >= 1`` a sliding window (local attention).  With the query at
+  position ``p_i = i + Lk - Lq`` for bottom-right causal and ``p_i = i`` otherwise, key j is
+  visible iff ``|p_i - j| < w`` (causal 0) or ``p_i - w < j <= p_i`` (causal 1 or 2):
+  flash-attn's ``window_size=(w - 1, w - 1)`` (resp. ``(w - 1, 0)``), which is what
+  transformers' flash path does with the ``sliding_window=w`` its attention modules pass,
+  and what its sdpa/eager masks give (ModernBERT: ``|q - kv| <= config.sliding_window``
+  with ``w = config.sliding_window + 1``; Mistral: ``kv > q - w``).  In padded mode the
+  positions are the padded row's indices (as transformers' masks count them).
 * Grouped-query: query head h reads kv head ``h // (Hq // Hk)``; dk/dv sum over the group.
 * Dropout zeroes probabilities with probability ``dropout_p`` and scales the rest by
   ``1 / (1 - dropout_p)``; the mask is a function of ``seed`` (and the shapes) only, so
@@ -40,19 +48,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _visible(lq: int, lk: int, causal: int, device) -> torch.Tensor | None:
-    """(lq, lk) bool: which keys each query may see under ``causal`` (None: all)."""
-    if causal == 0:
+def _visible(lq: int, lk: int, causal: int, window: int, device) -> torch.Tensor | None:
+    """(lq, lk) bool: which keys each query may see under ``causal`` and ``window`` (None: all)."""
+    if causal == 0 and window == 0:
         return None
-    offset = 0 if causal == 1 else lk - lq
+    offset = lk - lq if causal == 2 else 0
     i = torch.arange(lq, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
-    return j <= i + offset
+    d = i + offset - j  # query position minus key position
+    visible = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+    if window:
+        visible = visible & (d < window)
+        if causal == 0:
+            visible = visible & (d > -window)
+    return visible
 
 
-def _allowed(key_padding_mask, lq: int, lk: int, causal: int, device) -> torch.Tensor | None:
+def _allowed(key_padding_mask, lq: int, lk: int, causal: int, window: int, device) -> torch.Tensor | None:
     """Bool mask broadcastable to (N, H, lq, lk), or None when every key is visible."""
-    allowed = _visible(lq, lk, causal, device)
+    allowed = _visible(lq, lk, causal, window, device)
     if key_padding_mask is not None:
         keys = key_padding_mask[:, None, None, :]
         allowed = keys if allowed is None else keys & allowed
@@ -154,12 +168,12 @@ def _unpack(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed):
+                      max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale, seed):
     """Attention output and float32 logsumexp (see the module docstring for the contract)."""
     gen = _generator(seed, dropout_p, q.device)
     out = torch.empty_like(q)
     if cu_seqlens_q is None:
-        allowed = _allowed(key_padding_mask, q.shape[2], k.shape[2], causal, q.device)
+        allowed = _allowed(key_padding_mask, q.shape[2], k.shape[2], causal, window, q.device)
         o, lse = _forward_block(q, k, v, allowed, scale, dropout_p, gen)
         out.copy_(o)
         return out, lse.to(torch.float32).contiguous()
@@ -170,7 +184,7 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
         if qe == qs or ke == ks:
             continue  # no queries, or no keys (rows stay 0 / -inf); the backward skips alike
-        allowed = _allowed(None, qe - qs, ke - ks, causal, q.device)
+        allowed = _allowed(None, qe - qs, ke - ks, causal, window, q.device)
         o, l = _forward_block(_unpack(q, qs, qe), _unpack(k, ks, ke), _unpack(v, ks, ke),
                               allowed, scale, dropout_p, gen)
         out[qs:qe] = o[0].transpose(0, 1)
@@ -179,13 +193,13 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
 
 
 def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, causal, dropout_p, scale, seed):
+                       max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale, seed):
     """Gradients (dq, dk, dv) of :func:`attention_forward` (``out`` and ``lse`` are unused:
     the reference recomputes the softmax in the compute precision)."""
     gen = _generator(seed, dropout_p, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if cu_seqlens_q is None:
-        allowed = _allowed(key_padding_mask, q.shape[2], k.shape[2], causal, q.device)
+        allowed = _allowed(key_padding_mask, q.shape[2], k.shape[2], causal, window, q.device)
         for grad, g in zip((dq, dk, dv), _backward_block(dout, q, k, v, allowed, scale, dropout_p, gen)):
             grad.copy_(g)
         return dq, dk, dv
@@ -194,7 +208,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, 
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
         if qe == qs or ke == ks:
             continue  # no queries, or no keys: every gradient of this sequence is 0
-        allowed = _allowed(None, qe - qs, ke - ks, causal, q.device)
+        allowed = _allowed(None, qe - qs, ke - ks, causal, window, q.device)
         g = _backward_block(_unpack(dout, qs, qe), _unpack(q, qs, qe), _unpack(k, ks, ke),
                             _unpack(v, ks, ke), allowed, scale, dropout_p, gen)
         dq[qs:qe] = g[0][0].transpose(0, 1)
