@@ -334,6 +334,28 @@ def test_causal_lm_training_matches(model_type, left):
     assert_same_grads(ref, new, REL)
 
 
+@pytest.mark.parametrize("window", [3, 4096], ids=["window-cuts", "window-longer-than-rows"])
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_causal_sliding_window_runs_the_fused_kernel(monkeypatch, window, left):
+    """Mistral's causal sliding window (its default config has 4096) reaches the fused kernel
+    with the window, not the softmax path, and matches transformers' sdpa."""
+    import transformers
+
+    ref, new = twins(decoder("mistral-window").train())
+    for m in (ref, new):
+        m.config.sliding_window = window
+    fastlm.patch(new)
+    calls = _record_attention_calls(monkeypatch)
+    ids, mask = padded_batch(LENGTHS, left=left)
+    labels = ids.masked_fill(mask == 0, -100)
+    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    assert calls == [("padded", window if window < ids.shape[1] else None)] * 2
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
+    assert_same_grads(ref, new, REL)
+    assert isinstance(ref, transformers.MistralForCausalLM)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_causal_lm_num_items_in_batch(model_type):
     """Gradient accumulation: sum / num_items_in_batch exactly as transformers' ForCausalLMLoss."""

@@ -4,6 +4,7 @@ Tolerances as in test_patch.py (1e-5 relative, fp32) unless said."""
 import copy
 import inspect
 import os
+import socket
 import subprocess
 import sys
 
@@ -230,6 +231,7 @@ for ids, mask, labels in data:
     opt.step(); opt.zero_grad()
     losses.append(loss.item())
 torch.save(losses, os.path.join(sys.argv[2], f"rank{rank}.pt"))
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
 dist.destroy_process_group()
 """
 
@@ -239,14 +241,18 @@ def test_ddp_two_processes_gloo(tmp_path):
     """DDP (2 CPU processes, gloo) gives the losses of one process averaging the two shards."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", 
+    with socket.socket() as probe:  # a free port (a fixed one may still be held by an earlier run)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1",
                # the installed fastlm, never the source folder the tests run from
                PYTHONPATH=os.environ.get("PYTHONPATH", ""))
     here = os.path.dirname(__file__)
-    procs = [subprocess.Popen([sys.executable, str(script), here, str(tmp_path)], env=dict(env, RANK=str(r)))
-             for r in range(2)]
-    assert all(p.wait(timeout=240) == 0 for p in procs)
+    procs = [subprocess.Popen([sys.executable, str(script), here, str(tmp_path)], env=dict(env, RANK=str(r)),
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
     ddp_losses = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     torch.manual_seed(0)

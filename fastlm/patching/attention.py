@@ -7,14 +7,15 @@ not optional: for a name missing from the mask interface transformers skips mask
 creation and hands the attention function ``attention_mask=None``, silently dropping
 the padding.
 
-Mask builder: for the plain causal / bidirectional patterns, and for the bidirectional
-sliding-window pattern (ModernBERT's local layers), it returns what the flash
-implementations get, the 2D ``(batch, kv_len)`` bool padding mask or None (no padding),
-so the fused kernel reads B x S booleans instead of a B x S x S mask; the window then
-comes from the ``sliding_window`` argument the attention module passes (as with flash).
-Any other pattern (causal sliding window, chunked, packed-sequence detection from
-``position_ids``, custom ``and``/``or`` mask functions) gets SDPA's 4D bool mask, which
-the attention function serves through the softmax path: slower, never wrong.
+Mask builder: for the plain causal / bidirectional patterns, and for the sliding-window
+patterns (ModernBERT's local layers; Mistral / Qwen2 causal windows, without a KV cache),
+it returns what the flash implementations get, the 2D ``(batch, kv_len)`` bool padding
+mask or None (no padding), so the fused kernel reads B x S booleans instead of a
+B x S x S mask; the window then comes from the ``sliding_window`` argument the attention
+module passes (as with flash).  Any other pattern (chunked, packed-sequence detection from
+``position_ids``, custom ``and``/``or`` mask functions, a window with a cache offset) gets
+SDPA's 4D bool mask, which the attention function serves through the softmax path:
+slower, never wrong.
 
 Attention function, per call:
 
@@ -186,6 +187,35 @@ def _is_bidirectional_window(mask_function, q_offset, kv_offset, kwargs) -> bool
     return isinstance(got, torch.Tensor) and torch.equal(torch.broadcast_to(got, want.shape), want)
 
 
+def _is_causal_window(mask_function, q_offset, kv_offset, kwargs) -> bool:
+    """Whether ``mask_function`` is transformers' plain causal sliding-window pattern,
+    ``q - local_size < kv <= q`` (``create_sliding_window_causal_mask``).  transformers keeps
+    ``allow_is_causal_skip`` True only when nothing was put on top of the pattern it names
+    with ``local_size`` (no packed-sequence remap, block overlay or custom and/or function:
+    each sets it False), and the only such patterns are this one and the chunked one
+    (``local_size`` = chunk size), told apart here at a few probe points.  The window can be
+    thousands of keys (Mistral: 4096), so points, not a grid."""
+    window = kwargs.get("local_size")
+    if (not isinstance(window, int) or isinstance(window, bool) or window < 1
+            or kwargs.get("allow_is_causal_skip") is not True or kwargs.get("use_vmap", False)):
+        return False
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
+        return False
+    # queries around the window's edges, each with keys just inside and outside its band
+    rows = torch.tensor([0, 1, window - 1, window, window + 1, 2 * window, 2 * window + 1])
+    cols = rows[:, None] + torch.tensor([-window - 1, -window, -window + 1, -1, 0, 1])
+    q, kv = torch.broadcast_tensors(rows[:, None], cols)
+    keep = kv >= 0
+    q, kv = q[keep], kv[keep]
+    want = (kv <= q) & (kv > q - window)
+    zero = torch.zeros_like(q)
+    try:
+        got = mask_function(zero, zero, q, kv)
+    except Exception:  # noqa: BLE001 - not an index-based pattern: not this one
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got.to(torch.bool), want)
+
+
 def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask=None, **kwargs):
     """transformers mask-interface function (see module docstring)."""
@@ -194,7 +224,8 @@ def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     plain = (getattr(mu, "causal_mask_function", None), getattr(mu, "bidirectional_mask_function", None))
     if mask_function is None:
         mask_function = mu.causal_mask_function
-    if mask_function in plain or _is_bidirectional_window(mask_function, q_offset, kv_offset, kwargs):
+    if (mask_function in plain or _is_bidirectional_window(mask_function, q_offset, kv_offset, kwargs)
+            or _is_causal_window(mask_function, q_offset, kv_offset, kwargs)):
         return mu.flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                        mask_function, attention_mask, **kwargs)
     return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
