@@ -61,7 +61,7 @@ def make_case(n: int, total: int, dtype: torch.dtype, dropout_p: float) -> Case:
 
 def cases_for(preset: str, device: torch.device) -> list[Case]:
     if preset == "quick":
-        ns, total, dtypes, ps = [128, 512, 2048, 4096, 16384], 2**21, [torch.float32, torch.bfloat16], [0.0, 0.1]
+        ns, total, dtypes, ps = [128, 512, 2048, 4096, 16384], 2**21, [torch.float32, torch.float16, torch.bfloat16], [0.0, 0.1]
     elif preset == "gpu-check":
         ns, total, dtypes, ps = [256, 1024, 4096, 8192], 2**25, [torch.bfloat16], [0.1]
     else:
