@@ -181,11 +181,12 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     else:
         metric, label, ceiling_key = "ms_median", "median ms (lower is better)", None
     index = {(r["case"], r["mode"], r["provider"]): r for r in ok}
-    fig, axes = plt.subplots(1, len(modes), figsize=(max(6, 1.2 * len(cases) * len(modes) + 3), 4.5),
-                             squeeze=False)
+    # one panel per mode, stacked, so the width grows with cases x providers only
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 0.2 * len(cases) * max(len(providers), 1) + 3),
+                                                     3.4 * len(modes)), squeeze=False)
     width = 0.8 / max(len(providers), 1)
     colors = plt.get_cmap("tab10" if len(providers) <= 10 else "tab20").colors
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[:, 0], modes):
         for j, p in enumerate(providers):
             xs, ys = [], []
             for i, case in enumerate(cases):
@@ -202,7 +203,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
         ax.set_title(mode)
         ax.set_ylabel(label)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     first = rows[0]
     fig.suptitle(f"{first.get('bench', '')} · {first.get('device', '')} · torch {first.get('torch', '')}", fontsize=9)
     fig.tight_layout()
