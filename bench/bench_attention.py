@@ -2,6 +2,7 @@
 (each SDPA backend) and flash_attn when installed; forward, backward and forward+backward.
 
     python bench/bench_attention.py               # GPU: BERT-base shapes + long causal / non-causal sweeps
+                                                  # (no GPU: CPU-sized BERT and long shapes)
     python bench/bench_attention.py --gpu-check   # the short GPU run of bench/gpu_check.sh
     python bench/bench_attention.py --quick       # small shapes for a CPU
     python bench/report.py bench/results/attention.csv
@@ -89,7 +90,8 @@ def make_case(name: str, lengths: list[int], seq: int, heads: int, head_dim: int
 
 def cases_for(preset: str, dtype: torch.dtype) -> list[Case]:
     """``quick``: tiny CPU shapes; ``gpu-check``: one case per target of the attention issue,
-    most important first (a time limit then cuts the least important); ``full``: the sweeps."""
+    most important first (a time limit then cuts the least important); ``full``: the sweeps
+    (``cpu``: what ``full`` runs on a machine without a GPU)."""
     def bert(seq, pad, b=32, h=12, d=64):
         lengths = bert_lengths(b, seq, pad, seed=seq)
         actual = 1 - sum(lengths) / (b * seq)  # the name gives the padding drawn, not the target
@@ -102,6 +104,9 @@ def cases_for(preset: str, dtype: torch.dtype) -> list[Case]:
     if preset == "quick":
         return [bert(64, 0.45, b=4, h=2, d=32), long(128, True, tokens=256, h=2, d=64),
                 long(128, False, tokens=256, h=2, d=64)]
+    if preset == "cpu":  # what `full` means without a GPU: CPU-sized, minutes
+        return [bert(128, 0.4, b=16), bert(256, 0.45, b=16), long(256, False, tokens=4096, h=12, d=64),
+                long(1024, True, tokens=2048, h=8, d=128), long(1024, False, tokens=2048, h=8, d=128)]
     if preset == "gpu-check":
         return [bert(512, 0.48), long(8192, True), long(8192, False, modes=("forward",)), bert(128, 0.4),
                 long(2048, True)]
@@ -235,8 +240,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = "quick" if args.quick else "gpu-check" if args.gpu_check else "full"
     if preset == "full" and device.type != "cuda":
-        print("bench_attention: no GPU; the full shapes are GPU-sized, running --quick shapes", file=sys.stderr)
-        preset = "quick"
+        print("bench_attention: no GPU; the full shapes are GPU-sized, running CPU-sized ones", file=sys.stderr)
+        preset = "cpu"
     quad = args.quadratic_gib if args.quadratic_gib is not None else (2.5 if preset == "gpu-check" else 8.0)
     providers = harness.select_providers(providers_for(quad), args.providers)
     print("FLOPs are counted on real (unpadded) tokens only; backward = 2.5x, fwd+bwd = 3.5x forward.",
