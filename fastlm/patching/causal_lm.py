@@ -43,11 +43,7 @@ def patch_causal_lm(model, spec, backend: str) -> None:
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             hidden, targets = labelled_rows(body[0], shift_labels)
-            if num_items is None:
-                loss = linear_loss(hidden, spec.head(self), targets, backend)
-            else:
-                loss = linear_loss(hidden, spec.head(self), targets, backend, reduction="sum")
-                loss = loss / (num_items.to(loss.device) if hasattr(num_items, "to") else num_items)
+            loss = linear_loss(hidden, spec.head(self), targets, backend, num_items)
             out = output_like(CausalLMOutputWithPast, loss, body)
             return out if return_dict else out.to_tuple()
         return forward

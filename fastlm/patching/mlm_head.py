@@ -39,8 +39,11 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Tensor, backend: str,
-                reduction: str = "mean") -> torch.Tensor:
-    """``fastlm.ops.linear_cross_entropy(hidden, decoder.weight, labels, bias=decoder.bias)``."""
+                num_items=None) -> torch.Tensor:
+    """``fastlm.ops.linear_cross_entropy(hidden, decoder.weight, labels, bias=decoder.bias)``:
+    the mean over labelled rows, or with ``num_items`` (the Trainer's ``num_items_in_batch``,
+    an int or a tensor, under gradient accumulation) the sum divided by it, as transformers'
+    losses do."""
     from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
     weight, bias = decoder.weight, decoder.bias
@@ -48,9 +51,12 @@ def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Te
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
     loss = linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
-                                    reduction=reduction, backend=backend)
+                                reduction="mean" if num_items is None else "sum", backend=backend)
     # transformers upcasts low-precision logits, so its losses are fp32 (or fp64)
-    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+    loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
+    return loss
 
 
 def output_like(output_cls, loss, base_outputs):
@@ -82,11 +88,7 @@ def patch_masked_lm(model, spec, backend: str) -> None:
             num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
             body = getattr(self, spec.body)(**named, return_dict=True)
             hidden, targets = labelled_rows(body[0], labels)
-            if num_items is None:
-                loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend)
-            else:
-                loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend, reduction="sum")
-                loss = loss / (num_items.to(loss.device) if hasattr(num_items, "to") else num_items)
+            loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend, num_items)
             out = output_like(MaskedLMOutput, loss, body)
             return out if return_dict else out.to_tuple()
         return forward
