@@ -21,9 +21,12 @@ Cases
   backend refuses any mask (the row says so).  ``flash_attn`` runs varlen.
 * ``causal<S>`` / ``full<S>``: head_dim 128, 16 heads, S from 1k to 16k, batch * S = 16k
   tokens, no padding, causal (top-left) or not.
+* ``local<S>-w<W>``: the same, non-causal, with a sliding window W (ModernBERT's local
+  layers): key j visible from query i iff |i - j| < W.  SDPA gets the band as a bool
+  ``attn_mask`` (what transformers' sdpa path builds); fastlm and flash_attn take the window.
 
 FLOPs are counted on real tokens only: forward 4 * heads * head_dim * sum_b(len_b^2)
-(two matmuls; causal counts only the visible (i, j) pairs, len(len+1)/2 per sequence),
+(two matmuls; causal and windowed cases count only the visible (i, j) pairs),
 backward 2.5x and forward+backward 3.5x the forward (five matmuls against two, the
 FlashAttention convention).  A padded provider that computes the padding too does more
 work than it is credited with: that is the cost the benchmark exposes.
@@ -56,14 +59,24 @@ def bert_lengths(batch: int, seq: int, pad_frac: float, seed: int = 0) -> list[i
     return lengths.tolist()
 
 
-def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool) -> dict:
-    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+def visible_pairs(n: int, causal: bool, window: int | None) -> int:
+    """(query, key) pairs that attend in a sequence of n tokens."""
+    if window is None or window >= n:
+        return n * (n + 1) // 2 if causal else n * n
+    i = torch.arange(n)
+    lo = (i - window + 1).clamp(min=0)
+    hi = i + 1 if causal else (i + window).clamp(max=n)
+    return int((hi - lo).sum())
+
+
+def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool, window: int | None = None) -> dict:
+    pairs = sum(visible_pairs(n, causal, window) for n in lengths)
     fwd = 4.0 * heads * head_dim * pairs
     return {"forward": fwd, "backward": 2.5 * fwd, "full": 3.5 * fwd}
 
 
 def make_case(name: str, lengths: list[int], seq: int, heads: int, head_dim: int, causal: bool,
-              dtype: torch.dtype, padded: bool, modes: tuple | None = None) -> Case:
+              dtype: torch.dtype, padded: bool, modes: tuple | None = None, window: int | None = None) -> Case:
     batch = len(lengths)
     total = sum(lengths)
 
@@ -78,14 +91,20 @@ def make_case(name: str, lengths: list[int], seq: int, heads: int, head_dim: int
         mask = None
         if padded:
             mask = torch.arange(seq, device=device)[None, :] < lens[:, None]
-        inputs.update(mask=mask, cu=cu, max_len=max(lengths), causal=causal)
+        band = None
+        if window is not None:  # (S, S) bool, True = visible: the mask an sdpa / eager path needs
+            pos = torch.arange(seq, device=device)
+            dist = pos[:, None] - pos[None, :]
+            band = (dist < window) & ((dist >= 0) if causal else (dist > -window))
+        inputs.update(mask=mask, cu=cu, max_len=max(lengths), causal=causal, window=window, band=band)
         return inputs
 
     pad = 1 - total / (batch * seq)
     params = {"batch": batch, "heads": heads, "head_dim": head_dim, "seq": seq, "causal": causal,
-              "pad_frac": round(pad, 3), "tokens": total, "dtype": str(dtype).replace("torch.", "")}
+              "pad_frac": round(pad, 3), "tokens": total, "dtype": str(dtype).replace("torch.", ""),
+              "window": window}
     return Case(name, make_inputs, grad=("q", "k", "v", "qp", "kp", "vp"),
-                flops=attention_flops(lengths, heads, head_dim, causal), params=params, modes=modes)
+                flops=attention_flops(lengths, heads, head_dim, causal, window), params=params, modes=modes)
 
 
 def cases_for(preset: str, dtype: torch.dtype) -> list[Case]:
@@ -97,21 +116,23 @@ def cases_for(preset: str, dtype: torch.dtype) -> list[Case]:
         actual = 1 - sum(lengths) / (b * seq)  # the name gives the padding drawn, not the target
         return make_case(f"bert{seq}-pad{round(100 * actual)}", lengths, seq, h, d, False, dtype, True)
 
-    def long(seq, causal, tokens=16384, h=16, d=128, modes=None):
-        return make_case(f"{'causal' if causal else 'full'}{seq}", [seq] * max(1, tokens // seq), seq, h, d,
-                         causal, dtype, False, modes)
+    def long(seq, causal, tokens=16384, h=16, d=128, modes=None, window=None):
+        name = f"local{seq}-w{window}" if window else f"{'causal' if causal else 'full'}{seq}"
+        return make_case(name, [seq] * max(1, tokens // seq), seq, h, d, causal, dtype, False, modes, window)
 
     if preset == "quick":
         return [bert(64, 0.45, b=4, h=2, d=32), long(128, True, tokens=256, h=2, d=64),
-                long(128, False, tokens=256, h=2, d=64)]
+                long(128, False, tokens=256, h=2, d=64), long(128, False, tokens=256, h=2, d=64, window=16)]
     if preset == "cpu":  # what `full` means without a GPU: CPU-sized, minutes
         return [bert(128, 0.4, b=16), bert(256, 0.45, b=16), long(256, False, tokens=4096, h=12, d=64),
-                long(1024, True, tokens=2048, h=8, d=128), long(1024, False, tokens=2048, h=8, d=128)]
+                long(1024, True, tokens=2048, h=8, d=128), long(1024, False, tokens=2048, h=8, d=128),
+                long(1024, False, tokens=2048, h=8, d=128, window=128)]
     if preset == "gpu-check":
         return [bert(512, 0.48), long(8192, True), long(8192, False, modes=("forward",)), bert(128, 0.4),
                 long(2048, True)]
     seqs = (1024, 2048, 4096, 8192, 16384)
-    return [bert(128, 0.4), bert(512, 0.48), *(long(s, True) for s in seqs), *(long(s, False) for s in seqs)]
+    return [bert(128, 0.4), bert(512, 0.48), *(long(s, True) for s in seqs), *(long(s, False) for s in seqs),
+            long(8192, False, window=128)]
 
 
 # ------------------------------------------------------------------------- providers
@@ -134,6 +155,8 @@ def _eager(inputs):
     if inputs["causal"]:
         s = q.shape[-2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if inputs["band"] is not None:
+        scores = scores.masked_fill(~inputs["band"], float("-inf"))
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -144,12 +167,15 @@ def _sdpa(backend):
     from torch.nn.attention import sdpa_kernel
 
     def fn(inputs):
-        mask = inputs["mask"]
+        mask, band = inputs["mask"], inputs["band"]
         attn_mask = None if mask is None else mask[:, None, None, :]
+        if band is not None:  # SDPA takes no window: the band as a mask (causal folded in)
+            attn_mask = band if attn_mask is None else attn_mask & band
+        causal = inputs["causal"] and band is None
         try:
             with sdpa_kernel(backend) if backend is not None else nullcontext():
                 return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"],
-                                                      attn_mask=attn_mask, is_causal=inputs["causal"])
+                                                      attn_mask=attn_mask, is_causal=causal)
         except RuntimeError as exc:
             if "No available kernel" in str(exc) or "No viable backend" in str(exc):
                 raise Unsupported(f"SDPA {getattr(backend, 'name', 'dispatch')} refuses this input") from None
@@ -180,9 +206,10 @@ def _fastlm_call(varlen: bool):
 
         if varlen:
             return varlen_attention(inputs["qp"], inputs["kp"], inputs["vp"], inputs["cu"], inputs["cu"],
-                                    inputs["max_len"], inputs["max_len"], causal=inputs["causal"], backend=backend)
+                                    inputs["max_len"], inputs["max_len"], causal=inputs["causal"],
+                                    window=inputs["window"], backend=backend)
         return attention(inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
-                         causal=inputs["causal"], backend=backend)
+                         causal=inputs["causal"], window=inputs["window"], backend=backend)
     return call
 
 
@@ -205,8 +232,11 @@ def flash_attn_provider() -> Provider:
     def fn(inputs):
         from flash_attn import flash_attn_varlen_func
 
+        w = inputs["window"]
+        window_size = (-1, -1) if w is None else (w - 1, 0 if inputs["causal"] else w - 1)
         return flash_attn_varlen_func(inputs["qp"], inputs["kp"], inputs["vp"], inputs["cu"], inputs["cu"],
-                                      inputs["max_len"], inputs["max_len"], causal=inputs["causal"])
+                                      inputs["max_len"], inputs["max_len"], causal=inputs["causal"],
+                                      window_size=window_size)
 
     def skip(case, device):
         try:

@@ -267,13 +267,18 @@ def test_attention_flop_count_and_length_mix(bench_attention):
     flops = ba.attention_flops([2, 3], heads=1, head_dim=1, causal=False)
     assert flops["forward"] == 4 * (2 * 2 + 3 * 3) and flops["backward"] == 2.5 * flops["forward"]
     assert ba.attention_flops([2, 3], 1, 1, causal=True)["forward"] == 4 * (3 + 6)  # n(n+1)/2 visible pairs
+    # window 2 over 5 tokens: |i - j| < 2 gives 2 + 3 + 3 + 3 + 2 pairs, causally 1 + 2 + 2 + 2 + 2
+    assert ba.attention_flops([5], 1, 1, causal=False, window=2)["forward"] == 4 * 13
+    assert ba.attention_flops([5], 1, 1, causal=True, window=2)["forward"] == 4 * 9
+    assert ba.attention_flops([5], 1, 1, causal=False, window=5)["forward"] == 4 * 25
     lengths = ba.bert_lengths(32, 512, 0.45, seed=1)
     assert max(lengths) == 512 and min(lengths) >= round(0.1 * 512)
     assert 0.3 < 1 - sum(lengths) / (32 * 512) < 0.55
 
 
 def test_attention_providers_compute_the_same_function(bench_attention):
-    """The bench feeds every padded provider equivalent inputs: eager, SDPA and fastlm agree."""
+    """The bench feeds every padded provider equivalent inputs: eager, SDPA and fastlm agree
+    (the windowed case too: SDPA and eager get the band as a mask, fastlm the window)."""
     ba = bench_attention
     providers = {p.name: p for p in ba.providers_for(8.0)}
     for case in ba.cases_for("quick", torch.float32):
