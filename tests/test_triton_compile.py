@@ -131,7 +131,7 @@ COMPILE = textwrap.dedent("""
 """)
 
 
-def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch):
+def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
     triton = pytest.importorskip("triton")
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
@@ -141,8 +141,10 @@ def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch):
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_fwd_rows", "_fwd_segment_stats",
             "_bwd_segment_write"} <= kernels, kernels
     env = dict(os.environ, TRITON_INTERPRET="0")
+    # cwd elsewhere: `python -c` puts the cwd first on sys.path, and in a checkout that is the source
+    # folder, not the installed fastlm the launches were recorded from
     done = subprocess.run([sys.executable, "-c", COMPILE], input="\n".join(launches), capture_output=True,
-                          text=True, env=env, timeout=1200)
+                          text=True, env=env, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert not result["failures"], "\n".join(result["failures"])
