@@ -18,53 +18,8 @@ from fastlm.ops.attention import attention
 from fastlm.registry import BackendError, Problem
 
 # fixtures (target, _no_tf32) and checks shared with test_varlen_attention.py
-from _attention_targets import _no_tf32, assert_close, assert_within_eager, target  # noqa: F401
-
-# ----------------------------------------------------------------- float64 expectation
-def visible_mask(sq, sk, causal=False, key_padding_mask=None, device="cpu", window=None):
-    """(B or 1, 1, sq, sk) bool: key j visible to query i.
-
-    ``window`` w: query i sits at position i (i + sk - sq bottom-right) and sees the keys
-    at distance < w, only those not after it when causal (flash-attn's window_size =
-    (w - 1, w - 1) / (w - 1, 0))."""
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(sk, device=device)[None, :]
-    if causal is True:
-        m = j <= i
-    elif causal == "bottom_right":
-        m = j <= i + (sk - sq)
-    else:
-        m = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if window is not None:
-        pos = i + (sk - sq) if causal == "bottom_right" else i
-        m = m & ((pos - j).abs() < window)
-    m = m[None, None]
-    if key_padding_mask is not None:
-        m = m & key_padding_mask[:, None, None, :]
-    return m
-
-
-def expected_attention(q, k, v, visible=None, scale=None, keep=None, dropout_p=0.0):
-    """softmax(scale * q k^T) v in float64 (differentiable); rows with no visible key -> 0.
-
-    ``keep`` (broadcastable to the scores) is an explicit dropout keep-mask.
-    """
-    q, k, v = q.double(), k.double(), v.double()
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, 1)
-    v = v.repeat_interleave(groups, 1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    if visible is None:
-        visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-    visible = visible.expand(s.shape)
-    any_visible = visible.any(-1, keepdim=True)
-    s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
-    p = torch.softmax(s, -1) * any_visible
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return torch.einsum("bhij,bhjd->bhid", p, v)
-
+from _attention_targets import (_no_tf32, assert_close, assert_within_eager, expected_attention,  # noqa: F401
+                                target, visible_mask)
 
 def make_qkv(b, hq, hk, sq, sk, d, dtype=torch.float32, bshd=False, requires_grad=True, device="cpu"):
     """Random q, k, v; ``bshd``: transposed views of (B, S, H, D) tensors as HF makes them."""

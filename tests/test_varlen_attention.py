@@ -7,38 +7,18 @@ import torch
 
 from fastlm.ops.attention import attention, varlen_attention
 
-
-from _attention_targets import _no_tf32, assert_close, assert_within_eager, target  # noqa: F401
+# fixtures (target, _no_tf32), checks and the float64 truth shared with test_attention.py
+from _attention_targets import (_no_tf32, assert_close, assert_within_eager, expected_attention,  # noqa: F401
+                                target, visible_mask)
 
 
 def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0, window=None):
-    """float64 attention of one sequence: q (Lq, Hq, D), k/v (Lk, Hk, D) -> (Lq, Hq, D).
-
-    Queries with no visible key give 0; ``keep`` (Hq, Lq, Lk) is an explicit dropout mask;
-    ``window`` w: query i at position i (i + Lk - Lq bottom-right) sees keys at distance < w.
-    """
-    q, k, v = q.double(), k.double(), v.double()
-    lq, lk, groups = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    i, j = torch.arange(lq, device=q.device)[:, None], torch.arange(lk, device=q.device)[None, :]
-    if causal is True:
-        visible = j <= i
-    elif causal == "bottom_right":
-        visible = j <= i + lk - lq
-    else:
-        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    if window is not None:
-        pos = i + lk - lq if causal == "bottom_right" else i
-        visible = visible & ((pos - j).abs() < window)
-    visible = visible.expand(s.shape)
-    any_visible = visible.any(-1, keepdim=True)
-    s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
-    p = torch.softmax(s, -1) * any_visible
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return torch.einsum("hij,jhd->ihd", p, v)
+    """float64 attention of one sequence: q (Lq, Hq, D), k/v (Lk, Hk, D) -> (Lq, Hq, D): the
+    padded truth on a batch of one.  ``keep`` (Hq, Lq, Lk) is an explicit dropout mask."""
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
+    visible = visible_mask(q.shape[0], k.shape[0], causal, device=q.device, window=window)
+    out = expected_attention(qb, kb, vb, visible, scale, None if keep is None else keep[None], dropout_p)
+    return out[0].transpose(0, 1)
 
 
 def pack(lengths_q, lengths_k, hq, hk, d, dtype=torch.float32, requires_grad=True, device="cpu"):
