@@ -132,3 +132,14 @@ def assert_same_grads(ref_model, patched_model, rel: float) -> None:
     for name in g_ref:
         err, scale = (g_new[name] - g_ref[name]).norm().item(), max(g_ref[name].norm().item(), floor)
         assert err <= rel * scale, f"grad {name}: |err| {err:.3g} vs |ref| {scale:.3g} (rel {rel})"
+
+
+def assert_twins_train_alike(ref, new, rel: float, **inputs):
+    """Forward with ``inputs`` (labels included) and backward on both twins: equal losses and
+    gradients within ``rel``.  Returns both outputs."""
+    a, b = ref(**inputs), new(**inputs)
+    a.loss.backward()
+    b.loss.backward()
+    assert_close_rel(b.loss.detach(), a.loss.detach(), rel, "loss")
+    assert_same_grads(ref, new, rel)
+    return a, b

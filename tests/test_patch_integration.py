@@ -13,8 +13,8 @@ import torch
 
 import fastlm
 
-from _patch_models import (assert_close_rel, assert_same_grads, decoder, encoder, mlm_labels,  # noqa: E402
-                           padded_batch, twins)
+from _patch_models import (assert_close_rel, assert_same_grads, assert_twins_train_alike, decoder,  # noqa: E402
+                           encoder, mlm_labels, padded_batch, twins)
 
 REL = 1e-5
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,12 +125,7 @@ def test_gradient_checkpointing(model_type):
     new.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, mask = padded_batch([9, 4, 9])
     labels = mlm_labels(ids, mask) if model_type == "bert" else ids.masked_fill(mask == 0, -100)
-    a = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    b = new(input_ids=ids, attention_mask=mask, labels=labels)
-    a.loss.backward()
-    b.loss.backward()
-    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
-    assert_same_grads(ref, new, REL)
+    assert_twins_train_alike(ref, new, REL, input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def test_peft_lora():
@@ -147,13 +142,7 @@ def test_peft_lora():
     report = fastlm.patch(new)  # patching through the PEFT wrapper
     assert report.patched == ["attention", "unpad", "head"]
     ids, mask = padded_batch([9, 4, 9])
-    labels = mlm_labels(ids, mask)
-    a = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    b = new(input_ids=ids, attention_mask=mask, labels=labels)
-    a.loss.backward()
-    b.loss.backward()
-    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
-    assert_same_grads(ref, new, REL)
+    assert_twins_train_alike(ref, new, REL, input_ids=ids, attention_mask=mask, labels=mlm_labels(ids, mask))
     assert any("lora" in n for n, p in new.named_parameters() if p.grad is not None)
     fastlm.unpatch(new)
     assert new.get_base_model().config._attn_implementation == "sdpa"
