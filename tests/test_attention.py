@@ -328,6 +328,15 @@ def test_torch_compile_fullgraph():
         assert_close(a, e, 1e-6, f"compiled d{name}")
 
 
+def test_integer_attention_mask_is_nonzero_keeps():
+    """A tokenizer's int64 0/1 attention_mask works as the key padding mask (nonzero = attend)."""
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 16, requires_grad=False)
+    keep = padding_mask(2, 7, "left")
+    want = expected_attention(q, k, v, visible_mask(5, 7, key_padding_mask=keep))
+    for mask in (keep.long(), keep.to(torch.uint8) * 3):
+        assert_close(attention(q, k, v, key_padding_mask=mask), want, 1e-5, f"{mask.dtype} mask")
+
+
 # ---------------------------------------------------------------------------- bad input
 def _bad_inputs():
     q, k, v = make_qkv(2, 4, 2, 5, 7, 16, requires_grad=False)

@@ -177,12 +177,17 @@ def _resolve_scale(scale, head_dim: int) -> float:
 def _check_key_padding_mask(mask, q: Tensor, k: Tensor) -> Optional[Tensor]:
     if mask is None:
         return None
-    _common.check_tensor("key_padding_mask", mask, dtypes=(torch.bool,), ndim=2)
+    _common.check_tensor("key_padding_mask", mask, dtypes=(torch.bool, *_INTEGER_MASKS), ndim=2)
     expected = (q.shape[0], k.shape[2])
     if tuple(mask.shape) != expected:
         raise ValueError(f"key_padding_mask must have shape (batch, seq_k) = {expected}, got {tuple(mask.shape)}")
     _common.check_same_device(q=q, key_padding_mask=mask)
-    return mask.contiguous()
+    return mask.contiguous() if mask.dtype == torch.bool else mask != 0  # a tokenizer's 0/1 attention_mask
+
+
+# Integer masks (a tokenizer's attention_mask is int64 0/1) mean nonzero = attend; float ones
+# are refused: additive (0 / -inf) or keep (1 / 0)? Ambiguous, so the caller converts.
+_INTEGER_MASKS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen, max_name: str, q: Tensor) -> Tensor:
@@ -224,7 +229,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
             (grouped-query / multi-query: query head h reads kv head ``h // (heads_q // heads_kv)``).
             Any strides (e.g. transposed views of ``(batch, seq, heads, head_dim)``) are
             taken without a copy as long as the last dim is contiguous.
-        key_padding_mask: ``(batch, seq_k)`` bool, True = attend (left or right padding).
+        key_padding_mask: ``(batch, seq_k)`` bool, True = attend (left or right padding); an
+            integer 0/1 mask (a tokenizer's ``attention_mask``) is taken as ``mask != 0``.
         causal: False; True = top-left aligned (query i sees keys j <= i, exactly SDPA's
             ``is_causal`` also when seq_q != seq_k); ``"bottom_right"`` = aligned to the last
             key (query i sees j <= i + seq_k - seq_q), as a KV cache needs.  Combined with
