@@ -339,8 +339,6 @@ def test_causal_lm_training_matches(model_type, left):
 def test_causal_sliding_window_runs_the_fused_kernel(monkeypatch, window, left):
     """Mistral's causal sliding window (its default config has 4096) reaches the fused kernel
     with the window, not the softmax path, and matches transformers' sdpa."""
-    import transformers
-
     ref, new = twins(decoder("mistral-window").train())
     for m in (ref, new):
         m.config.sliding_window = window
@@ -353,7 +351,6 @@ def test_causal_sliding_window_runs_the_fused_kernel(monkeypatch, window, left):
     assert calls == [("padded", window if window < ids.shape[1] else None)] * 2
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL)
-    assert isinstance(ref, transformers.MistralForCausalLM)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
