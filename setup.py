@@ -14,6 +14,7 @@ torch must already be installed: build with ``pip install --no-build-isolation .
 so the extension is compiled against the torch you will run it with.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -21,6 +22,14 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_source_module():
+    """fastlm/_source.py by path (importing the fastlm package here would need torch's ops)."""
+    spec = importlib.util.spec_from_file_location("_fastlm_source", os.path.join(ROOT, "fastlm", "_source.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name: str) -> bool:
@@ -98,7 +107,29 @@ def _extensions():
             "fastlm._C", sources, define_macros=define,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _stamped(cpp_extension.BuildExtension).with_options(use_ninja=True)}
+
+
+def _stamped(build_ext_class):
+    """build_ext that writes the csrc digest beside the built ``_C`` (see fastlm/_source.py),
+    so the tests can refuse a stale extension."""
+    source = _load_source_module()
+
+    class StampedBuildExtension(build_ext_class):
+        def run(self):
+            super().run()
+            # beside the built library, and beside its in-place copy (setup.py build_ext --inplace)
+            folders = {os.path.dirname(os.path.join(self.build_lib, self.get_ext_filename(e.name)))
+                       for e in self.extensions}
+            if self.inplace:
+                build_py = self.get_finalized_command("build_py")
+                folders |= {build_py.get_package_dir(e.name.rpartition(".")[0]) for e in self.extensions}
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, source.DIGEST_FILE), "w") as f:
+                    f.write(source.digest(ROOT) + "\n")
+
+    return StampedBuildExtension
 
 
 ext_modules, cmdclass = _extensions()

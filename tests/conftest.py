@@ -5,14 +5,35 @@
   It must be set before triton is first imported.
 * Nothing here queries a GPU at import time: GPU tests are marked ``gpu`` and are
   skipped at collection-run time when no CUDA device is present.
+* The suite refuses to start when the fastlm it imports is not a build of the source tree
+  it sits in (an installed copy from before an edit, or an extension compiled from other
+  C++ sources): see ``fastlm/_source.py`` and the README's Development section.
 """
+import importlib.util
 import os
 import zlib
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    tree = Path(__file__).resolve().parent.parent
+    if not (tree / "setup.py").is_file():  # tests copied out of a checkout: nothing to compare with
+        return
+    import fastlm
+
+    spec = importlib.util.spec_from_file_location("_fastlm_source", tree / "fastlm" / "_source.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    why = source.stale_reason(tree, Path(fastlm.__file__).parent)
+    if why:
+        raise pytest.UsageError(
+            f"the fastlm under test ({Path(fastlm.__file__).parent}) is not a build of this source tree: {why}. "
+            "Reinstall (pip install --no-build-isolation .) or use the dev loop of README.md's Development section.")
 
 
 def pytest_collection_modifyitems(config, items):
