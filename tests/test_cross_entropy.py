@@ -83,7 +83,7 @@ def test_neg_inf_logits_with_label_smoothing_and_z_loss(backend, v):
     on an impossible class), its gradient stays finite; as PyTorch and the float64 truth.
     Row 1 has a -inf label logit (+inf loss even without smoothing)."""
     logits = torch.randn(3, v) * 3 + 1e4
-    logits[:2, 1 : v // 2] = -float("inf")
+    logits[:2, : v // 2] = -float("inf")  # whole leading blocks: the running max starts at -inf
     labels = torch.tensor([v - 1, 3, 0])
     for label_smoothing, z_loss in ((0.1, 0.0), (0.0, 1e-4), (0.2, 1e-4)):
         kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction="none")
@@ -95,21 +95,23 @@ def test_neg_inf_logits_with_label_smoothing_and_z_loss(backend, v):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0), -inf - -inf: the NaN under test
-def test_row_of_only_neg_inf_logits_is_nan(backend):
-    """Every class impossible: the loss and gradient of that row are NaN, as in PyTorch and
-    the float64 truth (no class can carry the label); the other rows are untouched."""
-    logits = torch.randn(3, 50)
+@pytest.mark.parametrize("v", [50, 10007])
+def test_nan_rows(backend, v):
+    """A row of only -inf logits (no class can carry the label) and a row holding a NaN
+    logit: that row's loss and gradient are NaN, as in PyTorch and the float64 truth (never
+    a silently finite value); the other rows are untouched."""
+    logits = torch.randn(4, v)
     logits[1] = -float("inf")
-    labels = torch.tensor([4, 7, 9])
+    logits[2, v - 3] = float("nan")
+    labels = torch.tensor([4, 7, 9, 0])
     for label_smoothing in (0.0, 0.1):
-        got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, reduction="none", backend=backend,
-                                                              label_smoothing=label_smoothing), logits)
-        want, want_grad = loss_and_grad(lambda x: ce64(x, labels, reduction="none", label_smoothing=label_smoothing),
-                                        logits.double())
-        assert torch.isnan(want[1]) and torch.isnan(F.cross_entropy(logits, labels, reduction="none")[1])
-        assert torch.isnan(got[1]) and torch.isnan(got_grad[1]).all()
-        torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_grad[[0, 2]].double(), want_grad[[0, 2]], rtol=1e-5, atol=1e-6)
+        kw = dict(reduction="none", label_smoothing=label_smoothing)
+        got, got_grad = loss_and_grad(lambda x: cross_entropy(x, labels, backend=backend, **kw), logits)
+        want, want_grad = loss_and_grad(lambda x: ce64(x, labels, **kw), logits.double())
+        assert torch.isnan(want[1:3]).all() and torch.isnan(F.cross_entropy(logits, labels, **kw)[1:3]).all()
+        assert torch.isnan(got[1:3]).all() and torch.isnan(got_grad[1:3]).all()
+        torch.testing.assert_close(got[[0, 3]].double(), want[[0, 3]], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grad[[0, 3]].double(), want_grad[[0, 3]], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
@@ -151,10 +153,10 @@ def assert_within_2x_torch(got, got_grad, logits, labels, *, loss_dtype=None, la
     loss computed in ``loss_dtype`` (default: the logits' dtype).  z-loss, which PyTorch lacks,
     is in the truth only; the floor, half an fp32 ulp at 1, spares a bound of 2 x 0."""
     kw = dict(reduction="none", label_smoothing=label_smoothing)
-    want, want_grad = loss_and_grad(lambda x: ce64(x, labels, z_loss=z_loss, **kw), logits.double())
-    ref = F.cross_entropy(logits.to(loss_dtype or logits.dtype), labels, **kw)
+    want, want_grad = loss_and_grad(lambda x: ce64(x, labels.cpu(), z_loss=z_loss, **kw), logits.cpu().double())
+    ref = F.cross_entropy(logits.to(loss_dtype or logits.dtype), labels, **kw)  # on the logits' device
     _, ref_grad = loss_and_grad(lambda x: F.cross_entropy(x, labels, **kw), logits)
-    err = lambda a, b: (a.double() - b).abs().max().item()
+    err = lambda a, b: (a.cpu().double() - b).abs().max().item()
     assert got_grad.dtype == logits.dtype
     assert err(got, want) <= 2 * err(ref, want) + 2.0**-24, (err(got, want), err(ref, want))
     assert err(got_grad, want_grad) <= 2 * err(ref_grad, want_grad) + 2.0**-24, (
@@ -178,10 +180,21 @@ def kernel_rows(backend, logits, labels, label_smoothing=0.0, z_loss=0.0):
     return impl.function("forward")(logits, labels, IGNORE, label_smoothing, z_loss, True)
 
 
+LARGE_LOGITS = [(torch.float32, 1e4), (torch.float32, 1e5), (torch.float32, -1e4), (torch.bfloat16, 1e5),
+                (torch.float16, -3e4)]
+
+
+def large_logits(n, v, dtype, offset):
+    """``(n, v)`` logits near ``offset``, row 0 increasing (the running max grows in every
+    block: running sums rescaled each time), row 1's max in the last block."""
+    logits = torch.randn(n, v) * 3
+    logits[0] = torch.linspace(-30, 30, v)
+    logits[1, -1] += 40
+    return (logits + offset).to(dtype)
+
+
 @pytest.mark.parametrize("v", [97, 10007])  # one block / several blocks per row (cpu: 1024, triton: 8192)
-@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1e4), (torch.float32, 1e5), (torch.float32, -1e4),
-                                          (torch.bfloat16, 1e4), (torch.bfloat16, 1e5), (torch.float16, 1e4),
-                                          (torch.float16, -3e4)])
+@pytest.mark.parametrize("dtype,offset", LARGE_LOGITS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_large_logits_within_2x_torch(backend, v, dtype, offset, label_smoothing):
     """Logits near +-1e4..1e5 keep their precision: the loss must not subtract a rounded
@@ -189,10 +202,7 @@ def test_large_logits_within_2x_torch(backend, v, dtype, offset, label_smoothing
     rows are fp32 in every dtype (linear_cross_entropy reduces them in fp32), so they are
     judged against PyTorch's fp32 loss of the same rounded logits; gradients in the dtype."""
     n = 6
-    logits = torch.randn(n, v) * 3
-    logits[0] = torch.linspace(-30, 30, v)  # the max grows in every block: running sums rescaled each time
-    logits[1, -1] += 40  # the max in the last block
-    logits = (logits + offset).to(dtype)
+    logits = large_logits(n, v, dtype, offset)
     labels = torch.randint(0, v, (n,))
     labels[[0, 1]] = torch.tensor([v - 1, 0])
     labels[2] = IGNORE
@@ -360,3 +370,23 @@ def test_gpu_matches_float64(gpu_backend, dtype, v):
     bad = labels.clone().cuda()
     bad[0] = v  # out of range: NaN flag, no exception, no sync
     assert torch.isnan(cross_entropy(logits.cuda(), bad, backend=gpu_backend)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype,offset", LARGE_LOGITS)
+@pytest.mark.parametrize("v", [97, 30522])
+def test_gpu_large_logits_within_2x_torch(gpu_backend, dtype, offset, v):
+    """test_large_logits_within_2x_torch on the GPU kernels, judged against PyTorch on the GPU."""
+    if gpu_backend == "cuda":
+        from fastlm import _ext
+
+        if not _ext.with_cuda():
+            pytest.skip("fastlm._C built without CUDA kernels")
+    logits = large_logits(64, v, dtype, offset).cuda()
+    labels = _labels(64, v).cuda()
+    labels[0] = v - 1
+    for label_smoothing in (0.0, 0.1):
+        got, got_grad = kernel_rows(gpu_backend, logits, labels, label_smoothing)
+        assert_within_2x_torch(got, got_grad, logits, labels, loss_dtype=torch.float32,
+                               label_smoothing=label_smoothing)
