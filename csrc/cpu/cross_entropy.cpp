@@ -17,9 +17,9 @@
 // loss is log(s) - (1 - eps)(x[y] - m) - eps mean(x - m) + z lse^2 and the gradient
 // exp(x - m) * ((1 + 2 z lse) / s), as PyTorch's log_softmax.  Subtracting a rounded
 // lse = m + log(s) from the logits instead loses ulp(lse): ~1e-3 for logits near 1e4.
-// The hot loops are plain float loops with an inline polynomial
-// exp so the compiler vectorises them; target_clones adds AVX-512 and AVX2 copies picked at
-// load time (the build itself uses no -march flag).
+// The hot loops are plain float loops with an inline polynomial exp so the compiler
+// vectorises them; target_clones adds AVX-512 and AVX2 copies picked at load time (the
+// build itself uses no -march flag).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
