@@ -342,7 +342,7 @@ def test_backend_selection():
     rows = registry.table("softmax")
     assert set(rows) == {"reference", "cpu", "triton", "cuda"}
     assert rows["triton"].verified is None and rows["cuda"].verified is None
-    f64 = registry.select("softmax", Problem.of("cpu", torch.float64, row_length=8, dropout=False))
+    f64 = registry.select("softmax", Problem.of("cpu", torch.float64, length=8))
     assert f64.backend == "reference"
     x = torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(softmax(x), expected(x))  # auto: float64 runs on the reference
@@ -354,7 +354,7 @@ def test_backend_selection():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 3, 128, 1000, 4096, 4097, 20000, 70000])
 def test_gpu_kernels(gpu_backend, dtype, n):
-    problem = fastlm.registry.Problem.of("cuda", dtype, row_length=n, dropout=False)
+    problem = fastlm.registry.Problem.of("cuda", dtype, length=n)
     why = fastlm.registry.table("softmax")[gpu_backend].unsupported_reasons(problem)
     if why:
         pytest.skip("; ".join(why))
