@@ -146,6 +146,21 @@ def test_nan_and_empty_follow_pytorch(backend):
     assert softmax(torch.empty(0, 5), backend=backend).shape == (0, 5)
 
 
+@pytest.mark.parametrize("shape,dim", [((3, 0), -1), ((3, 0), 0), ((2, 0, 4), 1), ((2, 0, 4), 2), ((0,), 0)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_empty_tensors_forward_and_backward(backend, shape, dim, dropout_p):
+    """A softmax over (or beside) a dimension of size 0 is an empty tensor, as in PyTorch,
+    and so is its gradient, with or without a mask."""
+    x = torch.randn(shape, requires_grad=True)
+    mask = torch.ones(shape[-1:], dtype=torch.bool)
+    for m in (None, mask):
+        y = softmax(x, dim=dim, mask=m, dropout_p=dropout_p, backend=backend)
+        want = torch.nn.functional.softmax(x, dim)
+        assert y.shape == want.shape and y.dtype == want.dtype
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert dx.shape == x.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bool_mask_hides_nan_and_inf_scores(backend, dtype):
     """Dropped positions are replaced (masked_fill), so garbage there cannot leak."""
