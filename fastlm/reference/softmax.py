@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from fastlm.ops._common import acc_dtype
 
 def _keep(shape, device, dropout_p: float, seed: int) -> torch.Tensor:
     """The dropout keep-mask for this seed: a generator seeded with it regenerates it exactly."""
@@ -43,7 +40,7 @@ def _keep(shape, device, dropout_p: float, seed: int) -> torch.Tensor:
 
 
 def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
-    cdt = _compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     rows = x.shape[0]
     z = x.to(cdt) * scale
     if mask is not None:
@@ -66,7 +63,7 @@ def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
 
 
 def softmax_backward(grad, y, scale: float, dropout_p: float, seed):
-    cdt = _compute_dtype(y.dtype)
+    cdt = acc_dtype(y.dtype)
     g = grad.to(cdt)
     yf = y.to(cdt)
     if dropout_p > 0.0:
