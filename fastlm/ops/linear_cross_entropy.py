@@ -134,6 +134,7 @@ def _linear_cross_entropy_backward_op(grad_loss: torch.Tensor, hidden: torch.Ten
             grad_w += torch.mm(g.t(), hc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
+        del g  # else it would live on beside the next chunk's logits and gradient
     if idx.numel() != labels.numel():
         grad_h = torch.zeros_like(hidden).index_copy_(0, idx, grad_h)
     grad_b = grad_b.to(bias.dtype) if bias is not None else hidden.new_empty(0)
