@@ -97,7 +97,8 @@ def info(as_json: bool = False) -> str:
         lines.append(f"  {name:<10} {b['summary']}; devices {', '.join(b['devices'])}; {state}")
     lines += ["", "kernels per op (auto = may be auto-selected on a device it runs on):"]
     for op, rows in data["ops"].items():
-        lines.append(f"  {op} (features: {', '.join(sorted(set().union(*(r['features'] for r in rows.values())))) or 'none'})")
+        features = sorted(set().union(*(r["features"] for r in rows.values())))
+        lines.append(f"  {op} (features: {', '.join(features) or 'none'})")
         for name, r in rows.items():
             lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} {_limits(r)}")
     for op, c in data["composites"].items():

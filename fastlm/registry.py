@@ -240,7 +240,8 @@ class Implementation:
         reasons = []
         devices = backend.devices()
         if devices and problem.device not in devices:
-            hint = " (set TRITON_INTERPRET=1 to interpret on CPU)" if problem.device in backend.interpreted_device_types else ""
+            interpretable = problem.device in backend.interpreted_device_types
+            hint = " (set TRITON_INTERPRET=1 to interpret on CPU)" if interpretable else ""
             reasons.append(f"runs on {'/'.join(sorted(devices))} tensors, not {problem.device}{hint}")
         return reasons + self.limit_reasons(problem)
 

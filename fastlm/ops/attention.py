@@ -72,7 +72,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, dropout_p, scale, seed, backend):
+                    causal, window, dropout_p, scale, seed, backend):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -91,8 +91,8 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, dropout_p, scale, seed, backend):
+def _attention_backward_fake(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, causal, window, dropout_p, scale, seed, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
