@@ -54,15 +54,22 @@ def collect() -> dict:
     return data
 
 
+def _limits_data(limits, every: frozenset) -> dict:
+    """Declared limits (of a row or of one of its kernels), as plain data."""
+    return {
+        "dtypes": [str(d).replace("torch.", "") for d in limits.dtypes],
+        "head_dims": None if limits.head_dims is None else str(limits.head_dims),
+        "max_length": limits.max_length,
+        "features": sorted(limits.features),
+        "features_missing": sorted(every - limits.features),
+    }
+
+
 def _row(impl, every: frozenset) -> dict:
     """One implementation row's limits, status and auto eligibility, as plain data."""
-    missing = sorted(every - impl.features)
     return {
-        "dtypes": [str(d).replace("torch.", "") for d in impl.dtypes],
-        "head_dims": None if impl.head_dims is None else str(impl.head_dims),
-        "max_length": impl.max_length,
-        "features": sorted(impl.features),
-        "features_missing": missing,
+        **_limits_data(impl, every),
+        "kernels": {k.name: _limits_data(k, every) for k in impl.kernels},
         "status": impl.status,
         "auto": impl.auto_exclusion() is None,  # select()'s rule, on a device this backend runs on
     }
@@ -101,6 +108,8 @@ def info(as_json: bool = False) -> str:
         lines.append(f"  {op} (features: {', '.join(features) or 'none'})")
         for name, r in rows.items():
             lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} {_limits(r)}")
+            for kernel, k in r["kernels"].items():
+                lines.append(f"      {'':<24} {'- ' + kernel + ':':<22} {_limits(k)}")
     for op, c in data["composites"].items():
         lines.append(f"  {op}: via {c['via']} ({c['how']}): every {c['via']} backend above")
     return "\n".join(lines)
