@@ -175,7 +175,7 @@ def test_low_precision_within_2x_torch(backend, dtype):
 
 def kernel_rows(backend, logits, labels, label_smoothing=0.0, z_loss=0.0):
     """The backend's kernel-level ``cross_entropy_forward``: (fp32 loss rows, gradient rows)."""
-    impl = registry.select("cross_entropy", registry.Problem.of(logits.device, logits.dtype, vocab=logits.shape[1]),
+    impl = registry.select("cross_entropy", registry.Problem.of(logits.device, logits.dtype, length=logits.shape[1]),
                            backend)
     return impl.function("forward")(logits, labels, IGNORE, label_smoothing, z_loss, True)
 
