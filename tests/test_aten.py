@@ -192,6 +192,23 @@ def test_cross_entropy_wiring_on_meta(dtype, label_smoothing, z_loss):
     assert back.shape == logits.shape and back.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_cross_entropy_label_gradient_of_confident_rows(torch_tier_on_cpu, dtype):
+    """softmax - 1 at the label of a confident row is small: formed in fp32 and rounded once,
+    it keeps the logits' dtype's relative precision (from a rounded probability it would not)."""
+    logits = torch.randn(16, 300).to(dtype)
+    labels = torch.randint(0, 300, (16,))
+    logits[torch.arange(16), labels] = 12.0
+    x = logits.clone().requires_grad_()
+    (got,) = torch.autograd.grad(cross_entropy(x, labels, reduction="sum", backend="torch"), x)
+    ref = logits.double().requires_grad_()
+    (want,) = torch.autograd.grad(ce64(ref, labels, reduction="sum"), ref)
+    at = (torch.arange(16), labels)
+    assert (want[at].abs() < 1e-2).all()  # confident: the label's gradient is far from -1
+    eps = torch.finfo(dtype).eps
+    assert ((got[at].double() - want[at]).abs() <= eps * want[at].abs()).all()
+
+
 def test_weight_gradient_accumulates_in_fp32_where_torch_can():
     """addmm(out_dtype=float32) exists for CUDA (and meta) only: feature-detected per device type."""
     assert not _has_fp32_output_gemm("cpu")
