@@ -103,13 +103,15 @@ def info(as_json: bool = False) -> str:
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
         lines.append(f"  {name:<10} {b['summary']}; devices {', '.join(b['devices'])}; {state}")
     lines += ["", "kernels per op (auto = may be auto-selected on a device it runs on):"]
+    width = max(len(r["status"]) for rows in data["ops"].values() for r in rows.values())
     for op, rows in data["ops"].items():
         features = sorted(set().union(*(r["features"] for r in rows.values())))
         lines.append(f"  {op} (features: {', '.join(features) or 'none'})")
         for name, r in rows.items():
-            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} {_limits(r)}")
-            for kernel, k in r["kernels"].items():
-                lines.append(f"      {'':<24} {'- ' + kernel + ':':<22} {_limits(k)}")
+            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<{width}} "
+                         f"{_limits(r)}")
+            for kernel, k in r["kernels"].items():  # a backend with several kernels: each one's limits
+                lines.append(f"    {'':<25} {'- ' + kernel:>{width}} {_limits(k)}")
     for op, c in data["composites"].items():
         lines.append(f"  {op}: via {c['via']} ({c['how']}): every {c['via']} backend above")
     return "\n".join(lines)
