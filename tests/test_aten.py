@@ -111,6 +111,17 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
+def assert_matches(out, expected, inputs, tol, grad_tol):
+    """Output, then the gradients for one random output gradient, against the float64 truth;
+    returns the gradients."""
+    assert_close(out, expected, tol, "out")
+    dout = torch.randn_like(out)
+    got = grads(out, inputs, dout)
+    for name, g, w in zip("qkv", got, grads(expected, inputs, dout)):
+        assert_close(g, w, grad_tol, f"d{name}")
+    return got
+
+
 def assert_lse(lse, q, k, visible, scale):
     """Our lse convention: float64 logsumexp of the visible scaled scores, -inf where none."""
     groups = q.shape[1] // k.shape[1]
@@ -246,11 +257,7 @@ def test_flash_padded_matches_float64(emulated, case, dtype):
     assert emulated.calls == ["flash"]
     vis = visible_mask(sq, sk, causal, window=window)
     expected = expected_attention(q, k, v, vis)
-    assert_close(out, expected, 1e-2, "out")
-    dout = torch.randn_like(out)
-    got, want = grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)
-    for name, g, w in zip("qkv", got, want):
-        assert_close(g, w, 3e-2, f"d{name}")
+    got = assert_matches(out, expected, (q, k, v), 1e-2, 3e-2)
     empty = ~vis.any(-1)[0, 0]  # (sq,): rows that see nothing: exactly zero, zero gradient
     assert torch.all(out[:, :, empty] == 0) and torch.all(got[0][:, :, empty] == 0)
     _, lse = torch.ops.fastlm.attention(q, k, v, None, None, None, 0, 0, CODES[causal], window or 0, 0.0, 0.3, None,
@@ -275,10 +282,7 @@ def test_flash_packed_matches_float64(emulated, case):
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window, backend="torch")
     assert emulated.calls == ["flash"]
     expected = expected_packed(q, k, v, cu_q, cu_k, causal, window)
-    assert_close(out, expected, 1e-2, "out")
-    dout = torch.randn_like(out)
-    for name, g, w in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
-        assert_close(g, w, 3e-2, f"d{name}")
+    assert_matches(out, expected, (q, k, v), 1e-2, 3e-2)
     _, lse = torch.ops.fastlm.attention(q, k, v, None, cu_q, cu_k, mq, mk, CODES[causal], window or 0, 0.0, 0.3,
                                         None, "torch")
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -302,11 +306,7 @@ def test_efficient_packed_matches_float64(emulated, case):
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend="torch")
     assert emulated.calls == ["efficient"]
     expected = expected_packed(q, k, v, cu_q, cu_k, causal)
-    assert_close(out, expected, 1e-5, "out")
-    dout = torch.randn_like(out)
-    got = grads(out, (q, k, v), dout)
-    for name, g, w in zip("qkv", got, grads(expected, (q, k, v), dout)):
-        assert_close(g, w, 1e-5, f"d{name}")
+    assert_matches(out, expected, (q, k, v), 1e-5, 1e-5)
     _, lse = torch.ops.fastlm.attention(q, k, v, None, cu_q, cu_k, mq, mk, 1 if causal is True else 2 * bool(causal),
                                         0, 0.0, 0.25, None, "torch")
     assert not torch.isnan(lse).any() and torch.equal(torch.isinf(lse), torch.isinf(lse) & (lse < 0))
@@ -347,10 +347,7 @@ def test_dropout_follows_the_seed_and_leaves_the_generator_alone(emulated, kerne
     keep = _keep(seed, 0, (b, hq, sq, sk), p)
     expected = expected_attention(q, k, v, visible_mask(sq, sk, False, mask), keep=keep, dropout_p=p)
     tol = 1e-5 if dtype == F32 else 1e-2
-    assert_close(out, expected, tol, "out")
-    dout = torch.randn_like(out)
-    for name, g, w in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
-        assert_close(g, w, 3 * tol, f"d{name}")
+    assert_matches(out, expected, (q, k, v), tol, 3 * tol)
 
 
 def test_packed_dropout_follows_the_seed(emulated):
@@ -362,10 +359,7 @@ def test_packed_dropout_follows_the_seed(emulated):
     assert emulated.calls == ["flash"]
     keep = _keep(seed, 0, (3, 2, mq, mk), 0.4)
     expected = expected_packed(q, k, v, cu_q, cu_k, True, keep=keep, p=0.4)
-    assert_close(out, expected, 1e-2, "out")
-    dout = torch.randn_like(out)
-    for name, g, w in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
-        assert_close(g, w, 3e-2, f"d{name}")
+    assert_matches(out, expected, (q, k, v), 1e-2, 3e-2)
 
 
 def test_unservable_calls_name_each_kernel(torch_tier_on_cpu):
@@ -446,10 +440,15 @@ def on_gpu():
         pytest.skip(why)
 
 
+def gpu_torch(test):
+    """A GPU test of the torch backend (gpu_check runs it in the torch pass)."""
+    for mark in (pytest.mark.backend("torch"), pytest.mark.gpu, pytest.mark.usefixtures("on_gpu")):
+        test = mark(test)
+    return test
+
+
 @pytest.mark.parametrize("kernel", ["flash", "efficient"])
-@pytest.mark.usefixtures("on_gpu")
-@pytest.mark.gpu
-@pytest.mark.backend("torch")
+@gpu_torch
 def test_gpu_seeded_generator_gives_the_kernels_seed_and_offset_zero(kernel):
     """The assumption the dropout mapping rests on, read back from the real kernels."""
     q = torch.randn(2, 64, 4, 64, dtype=BF16, device="cuda")
@@ -467,9 +466,7 @@ def test_gpu_seeded_generator_gives_the_kernels_seed_and_offset_zero(kernel):
     assert torch.equal(gen.get_state(), before)
 
 
-@pytest.mark.usefixtures("on_gpu")
-@pytest.mark.gpu
-@pytest.mark.backend("torch")
+@gpu_torch
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
 @pytest.mark.parametrize("padding", [False, True])
 def test_gpu_padded_matches_float64(dtype, padding):
@@ -480,15 +477,10 @@ def test_gpu_padded_matches_float64(dtype, padding):
         out = attention(q, k, v, key_padding_mask=mask, causal=causal, backend="torch")
         expected = expected_attention(q, k, v, visible_mask(197, 197, causal, mask, "cuda"))
         tol = 1e-4 if dtype == F32 else 2e-2
-        assert_close(out, expected, tol, "out")
-        dout = torch.randn_like(out)
-        for name, g, w in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
-            assert_close(g, w, 3 * tol, f"d{name}")
+        assert_matches(out, expected, (q, k, v), tol, 3 * tol)
 
 
-@pytest.mark.usefixtures("on_gpu")
-@pytest.mark.gpu
-@pytest.mark.backend("torch")
+@gpu_torch
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_gpu_packed_matches_float64(dtype):
     lengths = [1, 77, 130, 40, 512]
@@ -499,15 +491,10 @@ def test_gpu_packed_matches_float64(dtype):
         out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window, backend="torch")
         expected = expected_packed(q, k, v, cu_q, cu_k, causal, window)
         tol = 1e-4 if dtype == F32 else 2e-2
-        assert_close(out, expected, tol, "out")
-        dout = torch.randn_like(out)
-        for name, g, w in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
-            assert_close(g, w, 3 * tol, f"d{name}")
+        assert_matches(out, expected, (q, k, v), tol, 3 * tol)
 
 
-@pytest.mark.usefixtures("on_gpu")
-@pytest.mark.gpu
-@pytest.mark.backend("torch")
+@gpu_torch
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_gpu_cross_entropy_and_linear_matches_float64(dtype):
     logits = (torch.randn(64, 30522) * 3).to(dtype)
