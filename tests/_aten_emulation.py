@@ -257,6 +257,9 @@ def efficient_backward(grad_out_, query, key, value, bias, out, cu_seqlens_q, cu
                        bias_requires_grad, *, scale=None, num_splits_key=None, window_size=None,
                        shared_storage_dqdkdv=False):
     _efficient_checks(query, key, value, bias, cu_seqlens_q)
+    assert grad_out_.shape == out.shape == query.shape[:3] + value.shape[3:]
+    b, m, h, kv = out.shape  # out is read with rows h * kv apart, whatever its strides (o_strideM)
+    assert m == 1 or out.stride()[1:] == (h * kv, kv, 1), "out must be laid out (B, M, H, Kv)"
     packed = cu_seqlens_q is not None
     if packed:
         assert 0 < max_seqlen_q <= query.shape[1] and 0 < max_seqlen_k <= key.shape[1]

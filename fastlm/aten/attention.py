@@ -265,13 +265,15 @@ def _efficient_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
         lse_k = lse.new_full((cu_seqlens_q.shape[0] - 1, q.shape[1], _round_up(max_seqlen_q, _LSE_ROWS)),
                              float("inf"))
         lse_k[seq, :, pos] = _theirs(lse).t()
-        dout_a, out_a = dout[None], out[None]
+        dout_a, out_a = dout[None], out[None].contiguous()
         sizes = (min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0]))
     else:
         pad = _round_up(q.shape[2], _LSE_ROWS) - q.shape[2]
         lse_k = torch.nn.functional.pad(_theirs(lse), (0, pad), value=float("inf"))
-        dout_a, out_a = _bshd(dout), _bshd(out)
+        dout_a, out_a = _bshd(dout), _bshd(out).contiguous()
         sizes = (q.shape[2], k.shape[2])
+    # The kernel reads ``out`` as (B, S, H, D) with rows H * D apart (its o_strideM), whatever
+    # its strides say: hence the contiguous copies above when q is not laid out so underneath.
     # The forward's Philox state, on the host where this kernel's backward reads it.
     philox = (torch.tensor(seed, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
     dq, dk, dv, _ = ATEN._efficient_attention_backward(dout_a, qa, ka, va, bias, out_a, cu_seqlens_q, cu_seqlens_k,
