@@ -362,6 +362,22 @@ def test_packed_dropout_follows_the_seed(emulated):
     assert_matches(out, expected, (q, k, v), 1e-2, 3e-2)
 
 
+def test_equal_lengths_are_known_from_one_cu_seqlens_tensor():
+    """Top-left alignment matters (feature top_left) unless q and k share their cu_seqlens:
+    the same object, or a view of the same memory (as a compiled graph may hand it back)."""
+    from fastlm.ops.attention import problem_of
+
+    q = torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    for cu_k, aligned in ((cu, False), (cu.view(3), False), (cu.clone(), True)):
+        features = problem_of(q, q, None, cu, cu_k, 3, 3, 1, 0, 0.0).features
+        assert ("top_left" in features) == aligned and "causal" in features
+    assert "top_left" not in problem_of(q[None].transpose(1, 2), q[None].transpose(1, 2), None, None, None, 0, 0, 1, 2,
+                                        0.0).features  # padded, seq_q == seq_k
+    assert "top_left" in problem_of(q[None].transpose(1, 2), q[None, :3].transpose(1, 2), None, None, None, 0, 0, 0,
+                                    2, 0.0).features  # a window on unequal lengths: its positions
+
+
 def test_unservable_calls_name_each_kernel(torch_tier_on_cpu):
     q, k, v = qkv(1, 2, 2, 8, 8, 16, F32, requires_grad=False)
     with pytest.raises(BackendError) as err:

@@ -60,6 +60,14 @@ def problem(q: Tensor, k: Tensor, *, padding: bool, packed: bool, causal: int, w
     return Problem.of(q.device, q.dtype, head_dim=q.shape[-1], length=max_seqlen, features=features)
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are one tensor (the same object, or views of the same memory: a
+    compiled graph may hand the saved tensor back as another object; meta tensors have no
+    memory to compare)."""
+    return a is b or (a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.device == b.device)
+
+
 def problem_of(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int,
                dropout_p: float) -> Problem:
@@ -67,7 +75,7 @@ def problem_of(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cu_seql
     asked, the same in the forward and the backward."""
     packed = cu_seqlens_q is not None
     if packed:
-        longest, same = max(max_seqlen_q, max_seqlen_k), cu_seqlens_q is cu_seqlens_k
+        longest, same = max(max_seqlen_q, max_seqlen_k), _same_tensor(cu_seqlens_q, cu_seqlens_k)
     else:
         longest, same = max(q.shape[2], k.shape[2]), q.shape[2] == k.shape[2]
     return problem(q, k, padding=key_padding_mask is not None, packed=packed, causal=causal, window=window,
