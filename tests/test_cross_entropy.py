@@ -5,7 +5,7 @@ GPU (marked ``gpu``): triton and cuda on CUDA tensors.
 """
 import pytest
 import torch
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 from _cross_entropy_truth import IGNORE, ce64
 
 from fastlm.ops.cross_entropy import cross_entropy
@@ -218,7 +218,7 @@ def test_float64_refused_by_fast_backends():
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [97, 30522, 262144])
 def test_gpu_matches_float64(gpu_backend, dtype, v):
