@@ -12,7 +12,8 @@ Workloads and contenders: bench/training_workloads.py.  How it measures:
   step by step (``fastlm.finetune.interleave``: step i of every contender, order rotating,
   before any step i + 1), after untimed warm-up steps.  A contender's speed-up over HF sdpa
   is the median of the per-step ratios (baseline time / its time on the same step, under
-  the same load), printed with their range; tokens/s counts real tokens (padding excluded).
+  the same load), printed with their range; tokens/s is the median over the timed steps of
+  real tokens (padding excluded) / step time.
 * **Isolation.**  On a GPU (and in the dry run) each fastlm tier runs in its own process
   with the baseline, so a kernel that crashes its process costs only that tier's numbers;
   a process that dies or overruns its share of ``--budget-s`` leaves an error row.
@@ -36,6 +37,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,7 +301,7 @@ def rows_of(results: dict, workloads: dict) -> list[dict]:
             if row["status"] == "ok" and times:
                 ms = sorted(1e3 * t for t in times)
                 row.update(harness.summarize(ms))
-                row["tokens_per_s"] = sum(r["tokens"]) / sum(times)
+                row["tokens_per_s"] = statistics.median(n / t for n, t in zip(r["tokens"], times))
                 row["real_tokens"] = sum(r["real_tokens"]) / len(r["real_tokens"])
                 row["padding_share"] = 1 - sum(r["real_tokens"]) / sum(r["padded_tokens"])
                 base_times = r.get("base_times_s") if name != tw.BASELINE else times
