@@ -205,11 +205,12 @@ def test_git_commit_override_and_environment(harness, monkeypatch):
 def test_fastlm_providers_skip_with_reasons(harness):
     case = _case(harness)
     providers = {p.name: p for p in harness.fastlm_providers(lambda inp, b: inp["x"], name="op-{backend}")}
-    assert set(providers) == {"op-reference", "op-cpu", "op-triton", "op-cuda"}
+    assert set(providers) == {"op-reference", "op-cpu", "op-torch", "op-triton", "op-cuda"}
     assert providers["op-reference"].skip_reason(case, torch.device("cpu"), "forward") is None
     triton = providers["op-triton"].skip_reason(case, torch.device("cpu"), "forward")
     assert triton and ("interpret" in triton.lower() or "triton" in triton)  # never times the interpreter
     assert providers["op-cuda"].skip_reason(case, torch.device("cpu"), "forward")
+    assert providers["op-torch"].skip_reason(case, torch.device("cpu"), "forward")  # GPU tensors only, or not registered
 
 
 # --------------------------------------------------------------------------- report
