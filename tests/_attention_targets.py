@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from _backends import gpu_params
 from fastlm import registry
 from fastlm.registry import Problem
 
@@ -15,9 +16,7 @@ TARGETS = [
     pytest.param(("reference", "cpu"), id="reference"),
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("reference", "cuda"), id="gpu-reference", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="gpu-triton", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="gpu-cuda", marks=pytest.mark.gpu),
+    *gpu_params(["reference", "triton", "cuda"], value=lambda backend: (backend, "cuda")),
 ]
 
 
