@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from _backends import gpu_params
 from fastlm import registry
 from fastlm.ops.attention import _CAUSAL_CODES
 from fastlm.ops.attention import problem as attention_problem
@@ -18,10 +19,7 @@ TARGETS = [
     pytest.param(("triton", "cpu"), id="triton"),
     # the torch backend's mapping, run against CPU emulations of PyTorch's kernels (tests/_aten_emulation.py)
     pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("reference", "cuda"), id="gpu-reference", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="gpu-triton", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="gpu-cuda", marks=pytest.mark.gpu),
-    pytest.param(("torch", "cuda"), id="gpu-torch", marks=(pytest.mark.gpu, pytest.mark.backend("torch"))),
+    *gpu_params(["reference", "triton", "cuda", "torch"], value=lambda backend: (backend, "cuda")),
 ]
 
 

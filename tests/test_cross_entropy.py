@@ -6,7 +6,7 @@ GPU (marked ``gpu``): triton and cuda on CUDA tensors.
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 from _cross_entropy_truth import IGNORE, ce64
 
 from fastlm import registry
@@ -345,7 +345,7 @@ def test_float64_refused_by_fast_backends():
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [97, 30522, 262144])
 def test_gpu_matches_float64(gpu_backend, dtype, v):
@@ -374,7 +374,7 @@ def test_gpu_matches_float64(gpu_backend, dtype, v):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype,offset", LARGE_LOGITS)
 @pytest.mark.parametrize("v", [97, 30522])
 def test_gpu_large_logits_within_2x_torch(gpu_backend, dtype, offset, v):

@@ -6,7 +6,7 @@ cross_entropy kernels.  CPU: reference, cpu (C++, skipped without fastlm._C) and
 """
 import pytest
 import torch
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 from _cross_entropy_truth import IGNORE, lce64
 
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -252,7 +252,7 @@ def test_bad_chunk_env(monkeypatch):
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_float64(gpu_backend, dtype):
     if gpu_backend == "cuda":

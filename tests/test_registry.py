@@ -172,7 +172,7 @@ def test_every_real_gpu_row_is_unverified_until_a_gpu_run_says_otherwise():
         for name, impl in registry.table(op).items():
             if registry.BACKENDS[name].runs_on_gpu and impl.verified is not None:
                 results = root / "bench" / "results"
-                assert any(results.glob("gpu_verification*.json")), f"{op}/{name} marked verified without GPU results"
+                assert any(results.rglob("gpu_verification*.json")), f"{op}/{name} marked verified without GPU results"
 
 
 def test_linear_cross_entropy_is_served_by_the_cross_entropy_backends():

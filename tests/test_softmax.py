@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 
 import fastlm
 from fastlm.ops import softmax
@@ -365,7 +365,7 @@ def test_backend_selection():
 
 # ------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 3, 128, 1000, 4096, 4097, 20000, 70000])
 def test_gpu_kernels(gpu_backend, dtype, n):
