@@ -14,9 +14,13 @@ Cases
   [(1 - 2P) S, S] (one sequence at S, so the batch really pads to S) for a target P of
   0.40 / 0.48; the draw (fixed seed) pads 36% / 38%, the case name gives the drawn share.
   ``sdpa`` is SDPA's own choice (the baseline of the speedups), ``sdpa-<backend>`` one
-  backend forced with ``sdpa_kernel``.  fastlm runs both ways: ``fastlm-<backend>`` on
-  the padded batch with ``key_padding_mask``, ``fastlm-<backend>-varlen`` on the unpadded
-  tokens with ``cu_seqlens``.  SDPA gets the
+  backend forced with ``sdpa_kernel``.  fastlm runs three ways: ``fastlm-<backend>`` on
+  the padded batch with ``key_padding_mask`` (the torch backend: PyTorch's memory-efficient
+  kernel with the mask as a broadcast bias), ``fastlm-<backend>-varlen`` on tokens
+  unpadded beforehand (once per forward, as the patch does for encoders), and
+  ``fastlm-<backend>-unpad`` unpadding inside the call (gather the real tokens, varlen,
+  scatter back: one host sync for the token count, the per-call alternative to the
+  padded kernel; the gpu check decides between them).  SDPA gets the
   padding mask as it takes it, a bool ``attn_mask`` of shape (batch, 1, 1, S); its flash
   backend refuses any mask (the row says so).  ``flash_attn`` runs varlen.
 * ``causal<S>`` / ``full<S>``: head_dim 128, 16 heads, S from 1k to 16k, batch * S = 16k
@@ -46,7 +50,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import Case, Provider, Unsupported  # noqa: E402
 
-FASTLM_BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 # ----------------------------------------------------------------------------- cases
@@ -213,6 +216,24 @@ def _fastlm_call(varlen: bool):
     return call
 
 
+def _fastlm_unpad_call(inputs, backend):
+    """Padded batch in, padded batch out, through the varlen kernels: gather the real tokens
+    (``nonzero``: one host sync), attend packed, scatter back (padding rows 0)."""
+    from fastlm.ops.attention import varlen_attention
+
+    mask = inputs["mask"]
+    if mask is None:
+        raise Unsupported("no padding to remove")
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    b, h, s, d = q.shape
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    cu = torch.nn.functional.pad(mask.sum(1).cumsum(0, dtype=torch.int32), (1, 0))
+    qp, kp, vp = (t.transpose(1, 2).reshape(b * s, h, d).index_select(0, idx) for t in (q, k, v))
+    out = varlen_attention(qp, kp, vp, cu, cu, s, s, causal=inputs["causal"], window=inputs["window"], backend=backend)
+    full = out.new_zeros(b * s, h, d).index_copy(0, idx, out)
+    return full.view(b, s, h, d).transpose(1, 2)
+
+
 def fastlm_attention_providers(quadratic_skip) -> list[Provider]:
     def skip(case, device, backend):
         try:
@@ -222,9 +243,11 @@ def fastlm_attention_providers(quadratic_skip) -> list[Provider]:
         return quadratic_skip(case, device) if backend == "reference" else None
 
     providers = []
-    for backend in FASTLM_BACKENDS:
+    for backend in harness.BACKENDS:
         providers += harness.fastlm_providers(_fastlm_call(False), [backend], skip=skip)
         providers += harness.fastlm_providers(_fastlm_call(True), [backend], name="fastlm-{backend}-varlen", skip=skip)
+        providers += harness.fastlm_providers(_fastlm_unpad_call, [backend], name="fastlm-{backend}-unpad",
+                                              skip=skip)
     return providers
 
 

@@ -54,15 +54,22 @@ def collect() -> dict:
     return data
 
 
+def _limits_data(limits, every: frozenset) -> dict:
+    """Declared limits (of a row or of one of its kernels), as plain data."""
+    return {
+        "dtypes": [str(d).replace("torch.", "") for d in limits.dtypes],
+        "head_dims": None if limits.head_dims is None else str(limits.head_dims),
+        "max_length": limits.max_length,
+        "features": sorted(limits.features),
+        "features_missing": sorted(every - limits.features),
+    }
+
+
 def _row(impl, every: frozenset) -> dict:
     """One implementation row's limits, status and auto eligibility, as plain data."""
-    missing = sorted(every - impl.features)
     return {
-        "dtypes": [str(d).replace("torch.", "") for d in impl.dtypes],
-        "head_dims": None if impl.head_dims is None else str(impl.head_dims),
-        "max_length": impl.max_length,
-        "features": sorted(impl.features),
-        "features_missing": missing,
+        **_limits_data(impl, every),
+        "kernels": {k.name: _limits_data(k, every) for k in impl.kernels},
         "status": impl.status,
         "auto": impl.auto_exclusion() is None,  # select()'s rule, on a device this backend runs on
     }
@@ -96,11 +103,15 @@ def info(as_json: bool = False) -> str:
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
         lines.append(f"  {name:<10} {b['summary']}; devices {', '.join(b['devices'])}; {state}")
     lines += ["", "kernels per op (auto = may be auto-selected on a device it runs on):"]
+    width = max(len(r["status"]) for rows in data["ops"].values() for r in rows.values())
     for op, rows in data["ops"].items():
         features = sorted(set().union(*(r["features"] for r in rows.values())))
         lines.append(f"  {op} (features: {', '.join(features) or 'none'})")
         for name, r in rows.items():
-            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} {_limits(r)}")
+            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<{width}} "
+                         f"{_limits(r)}")
+            for kernel, k in r["kernels"].items():  # a backend with several kernels: each one's limits
+                lines.append(f"    {'':<25} {'- ' + kernel:>{width}} {_limits(k)}")
     for op, c in data["composites"].items():
         lines.append(f"  {op}: via {c['via']} ({c['how']}): every {c['via']} backend above")
     return "\n".join(lines)

@@ -9,6 +9,11 @@ optional features); :func:`select` reads them through one generic rule.
   can serve the input and is trusted: a row of a backend whose kernels we wrote for a
   GPU counts only once the test suite has passed on a real GPU (``verified``), and the
   Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``) is never picked.
+  PyTorch's own fused kernels (backend ``torch``) are trusted as PyTorch ships them:
+  what our tests check is the mapping of our contracts onto them.
+* A backend with several kernels for one op (``torch``: flash and memory-efficient
+  attention) lists them in its row as :class:`Kernel` entries, each with its own limits;
+  the row serves a call when one of them does, and the first that does runs it.
 * An explicit ``backend=`` (or ``FASTLM_BACKEND``) that cannot serve the input raises
   :class:`BackendError` naming the input and every reason.
 * Each decision is cached per (op, problem, request, environment): ``select`` runs per
@@ -19,11 +24,12 @@ availability is probed once per process, on first use.
 
 Adding a backend (data only)
 ----------------------------
-1. Insert a :class:`Backend` into ``BACKENDS`` at its priority (e.g. PyTorch's own fused
-   GPU kernels, trusted without a fastlm GPU record, between triton and cpu)::
+1. Insert a :class:`Backend` into ``BACKENDS`` at its priority (as ``torch``, PyTorch's
+   own fused GPU kernels, trusted without a fastlm GPU record, sits between triton and
+   cpu)::
 
-       Backend("torch", "PyTorch's own fused kernels", frozenset({"cuda"}),
-               trusted="PyTorch's kernels"),
+       Backend("torch", "PyTorch's own fused CUDA kernels", frozenset({"cuda"}),
+               _torch_unavailable, trusted="vendor kernels, mapping tested on CPU"),
 
 2. Write its kernels as ``<op>_forward`` / ``<op>_backward`` functions in one module per
    op, following the op's kernel-level contract (``fastlm/reference/<op>.py``).
@@ -75,6 +81,10 @@ def _triton_unavailable() -> str | None:
     return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
 
+def _torch_unavailable() -> str | None:
+    return importlib.import_module("fastlm.aten").unavailable_reason()
+
+
 def _cuda_unavailable() -> str | None:
     why = _ext.unavailable_reason()
     if why is None and not _ext.with_cuda():
@@ -123,6 +133,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("cuda", "CUDA C++ kernels in fastlm._C", frozenset({"cuda"}), _cuda_unavailable),
         Backend("triton", "Triton kernels in fastlm.kernels", frozenset({"cuda"}), _triton_unavailable,
                 interpreted_device_types=frozenset({"cpu"})),
+        Backend("torch", "PyTorch's own fused CUDA kernels, mapped in fastlm.aten", frozenset({"cuda"}),
+                _torch_unavailable, trusted="vendor kernels, mapping tested on CPU"),
         Backend("cpu", "C++ CPU kernels in fastlm._C", frozenset({"cpu"}), _ext.unavailable_reason,
                 trusted="tested on CPU"),
         Backend("reference", "pure PyTorch, fp32 accumulation: the ground truth", frozenset(),
@@ -185,6 +197,36 @@ class Sizes:
 
 
 # ---------------------------------------------------------------------- implementations
+def _limit_reasons(limits: "Implementation | Kernel", problem: Problem) -> list[str]:
+    """Which of the declared limits (dtypes, head_dims, max_length, features) ``problem`` exceeds."""
+    reasons = []
+    if problem.dtype not in limits.dtypes:
+        names = ", ".join(_dtype_name(d) for d in limits.dtypes)
+        reasons.append(f"dtype {_dtype_name(problem.dtype)} not supported (supports {names})")
+    if limits.head_dims is not None and problem.head_dim is not None and problem.head_dim not in limits.head_dims:
+        reasons.append(f"head_dim {problem.head_dim} outside {limits.head_dims}")
+    if limits.max_length is not None and problem.length is not None and problem.length > limits.max_length:
+        reasons.append(f"length {problem.length} > {limits.max_length}")
+    missing = problem.features - limits.features
+    if missing:
+        reasons.append(f"{', '.join(sorted(missing))} not supported")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One of several kernels a backend has for an op, with its own limits (fields as
+    :class:`Implementation`'s).  E.g. the ``torch`` attention row: PyTorch's flash kernel
+    (fp16/bf16, windows, bottom-right causal) and its memory-efficient one (fp32 too,
+    padding masks, top-left causal; no window)."""
+
+    name: str
+    dtypes: tuple
+    head_dims: Sizes | None = None
+    max_length: int | None = None
+    features: frozenset = frozenset()
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One backend's kernels for one op, and the limits of those kernels.
@@ -194,7 +236,10 @@ class Implementation:
     registered under ``torch.ops.fastlm_C`` by the compiled extension.
     Limits: ``dtypes``; ``head_dims`` (None: any); ``max_length`` (None: any); and
     ``features``, the optional features of the op it supports (a call needing any other
-    is refused).
+    is refused).  ``kernels``: when the module has several kernels with different limits,
+    one :class:`Kernel` each, in the order it prefers them; the row's own limits are then
+    their union and a call is served when one kernel's limits allow it (the module runs
+    the first such kernel, :meth:`kernel_for`).
     """
 
     op: str
@@ -207,6 +252,7 @@ class Implementation:
     # Rows of a backend that is not ``trusted``: None until the kernels pass the test
     # suite on a real GPU, then where and when they did ("H200, 2026-12-01, bench/results/...").
     verified: str | None = None
+    kernels: tuple = ()
 
     def function(self, stage: str) -> Callable:
         name = f"{self.op}_{stage}"
@@ -215,34 +261,35 @@ class Implementation:
         return getattr(importlib.import_module(self.module), name)
 
     def limit_reasons(self, problem: Problem) -> list[str]:
-        """Which of this row's declared limits ``problem`` exceeds (empty: none)."""
-        reasons = []
-        if problem.dtype not in self.dtypes:
-            names = ", ".join(_dtype_name(d) for d in self.dtypes)
-            reasons.append(f"dtype {_dtype_name(problem.dtype)} not supported (supports {names})")
-        if self.head_dims is not None and problem.head_dim is not None and problem.head_dim not in self.head_dims:
-            reasons.append(f"head_dim {problem.head_dim} outside {self.head_dims}")
-        if self.max_length is not None and problem.length is not None and problem.length > self.max_length:
-            reasons.append(f"length {problem.length} > {self.max_length}")
-        missing = problem.features - self.features
-        if missing:
-            reasons.append(f"{', '.join(sorted(missing))} not supported")
-        return reasons
+        """Which of this row's declared limits ``problem`` exceeds (empty: none).  With
+        ``kernels``: the reasons of each kernel, when none of them can serve it."""
+        reasons = _limit_reasons(self, problem)
+        if reasons or not self.kernels or self.kernel_for(problem) is not None:
+            return reasons
+        return [f"{k.name}: {'; '.join(_limit_reasons(k, problem))}" for k in self.kernels]
+
+    def kernel_for(self, problem: Problem) -> Kernel | None:
+        """The first of ``kernels`` whose limits allow ``problem`` (None: none does)."""
+        return next((k for k in self.kernels if not _limit_reasons(k, problem)), None)
 
     def unsupported_reasons(self, problem: Problem) -> list[str]:
-        """Readable reasons this implementation cannot serve ``problem`` (empty: it can)."""
+        """Readable reasons this implementation cannot serve ``problem`` (empty: it can).
+
+        A backend is probed only for tensors on its devices (probing ``torch`` reads the
+        GPU's compute capability: a CPU call must not initialise CUDA)."""
         backend = BACKENDS[self.backend]
-        why = backend.unavailable_reason()
-        if why is None and self.module == "fastlm_C":
-            why = _compiled_kernel_missing(f"{self.op}_forward", "CUDA" if backend.runs_on_gpu else "CPU")
-        if why:
-            return [why]
-        reasons = []
         devices = backend.devices()
+        reasons = []
         if devices and problem.device not in devices:
             interpretable = problem.device in backend.interpreted_device_types
             hint = " (set TRITON_INTERPRET=1 to interpret on CPU)" if interpretable else ""
             reasons.append(f"runs on {'/'.join(sorted(devices))} tensors, not {problem.device}{hint}")
+        else:
+            why = backend.unavailable_reason()
+            if why is None and self.module == "fastlm_C":
+                why = _compiled_kernel_missing(f"{self.op}_forward", "CUDA" if backend.runs_on_gpu else "CPU")
+            if why:
+                return [why]
         return reasons + self.limit_reasons(problem)
 
     def auto_exclusion(self, device: str | None = None) -> str | None:

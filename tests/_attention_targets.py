@@ -10,18 +10,23 @@ import torch
 
 from _backends import gpu_params
 from fastlm import registry
-from fastlm.registry import Problem
+from fastlm.ops.attention import _CAUSAL_CODES
+from fastlm.ops.attention import problem as attention_problem
 
 TARGETS = [
     pytest.param(("reference", "cpu"), id="reference"),
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton"),
-    *gpu_params(["reference", "triton", "cuda"], value=lambda backend: (backend, "cuda")),
+    # the torch backend's mapping, run against CPU emulations of PyTorch's kernels (tests/_aten_emulation.py)
+    pytest.param(("torch", "cpu"), id="torch"),
+    *gpu_params(["reference", "triton", "cuda", "torch"], value=lambda backend: (backend, "cuda")),
 ]
 
 
 def target_skip_reason(backend: str, device: str) -> str | None:
     """Why ``backend`` cannot be tested on ``device`` tensors in this process (None: it can)."""
+    if backend == "torch" and device == "cpu":
+        return None  # emulated kernels: nothing to probe
     why = registry.BACKENDS[backend].unavailable_reason()
     if why:
         return why
@@ -54,12 +59,15 @@ class Target:
         return self.backend == "triton" and self.device == "cpu"
 
     def require(self, q, k, causal=False, dropout=False, packed=False, window=None):
-        """Skip when a GPU backend declares it cannot serve this input (never on CPU)."""
-        if self.device == "cpu":
+        """Skip when a GPU backend (or the torch backend's kernels) declares it cannot serve
+        this input; the CPU backends serve every input."""
+        if self.device == "cpu" and self.backend != "torch":
             return
-        needs = {"window": window is not None, "dropout": dropout, "packed": packed, "gqa": q.shape[1] != k.shape[1],
-                 "causal": causal is True, "bottom_right": causal == "bottom_right"}
-        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], features=[f for f, on in needs.items() if on])
+        seq = 0 if packed else 2
+        problem = attention_problem(q, k, padding=False, packed=packed, causal=_CAUSAL_CODES[causal],
+                                    window=window or 0, dropout_p=0.5 if dropout else 0.0,
+                                    max_seqlen=max(q.shape[seq], k.shape[seq]),
+                                    same_lengths=not packed and q.shape[seq] == k.shape[seq])
         reasons = registry.table("attention")[self.backend].unsupported_reasons(problem)
         if reasons:
             pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
@@ -70,6 +78,13 @@ def target(request, poison):
     why = target_skip_reason(*request.param)
     if why:
         pytest.skip(f"{request.param[0]}: {why}")
+    if request.param == ("torch", "cpu"):
+        from _aten_emulation import EMULATION
+
+        import fastlm.aten.attention
+
+        request.getfixturevalue("torch_tier_on_cpu")
+        request.getfixturevalue("monkeypatch").setattr(fastlm.aten.attention, "ATEN", EMULATION)
     return Target(*request.param)
 
 

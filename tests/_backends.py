@@ -21,14 +21,20 @@ import pytest
 
 import fastlm
 
-CPU_TESTABLE = ["reference", "cpu", "triton"]
+CPU_TESTABLE = ["reference", "cpu", "triton", "torch"]
 UNDECLARED = "undeclared"  # --gpu-backend name for gpu tests that declare no backend
 
 
 def require_backend(request, op: str, name: str) -> str:
     """Skip (with the reason) when backend ``name`` cannot run ``op`` on CPU tensors here:
     no compiled extension or one built without the op's kernels (cpu), no triton or no
-    ``TRITON_INTERPRET=1`` (triton).  Returns ``name``."""
+    ``TRITON_INTERPRET=1`` (triton), no kernels for the op (torch, whose kernels are
+    plain torch ops run on CPU tensors through conftest's ``torch_tier_on_cpu``).
+    Returns ``name``."""
+    if name == "torch":
+        if "torch" not in fastlm.registry.table(op):
+            pytest.skip(f"the torch backend has no {op} kernels")
+        request.getfixturevalue("torch_tier_on_cpu")
     if name == "cpu":
         kernels = request.getfixturevalue("cpu_ext")
         if not hasattr(kernels, f"{op}_forward"):

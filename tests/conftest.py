@@ -103,3 +103,23 @@ def poison():
         yield
     torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture
+def torch_tier_on_cpu(monkeypatch):
+    """The ``torch`` backend takes CPU and meta tensors too, as if available (tests only):
+    its cross-entropy kernels are plain torch ops; its attention mapping runs against
+    CPU emulations of PyTorch's kernels (tests/_aten_emulation.py, installed by the
+    attention target) or, on meta tensors, PyTorch's own meta kernels."""
+    import dataclasses
+
+    from fastlm import registry
+
+    backend = registry.BACKENDS["torch"]
+    monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(
+        backend, device_types=backend.device_types | {"cpu", "meta"}, probe=lambda: None))
+    registry._probe.cache_clear()
+    registry._DECISIONS.clear()
+    yield
+    registry._probe.cache_clear()
+    registry._DECISIONS.clear()

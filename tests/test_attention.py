@@ -397,4 +397,4 @@ def test_auto_on_cpu_picks_a_cpu_backend():
     assert registry.select("attention", f16, "auto").backend in ("cpu", "reference")
     f64 = Problem.of("cpu", torch.float64, head_dim=64, features={"packed"})
     assert registry.select("attention", f64, "auto").backend == "reference"
-    assert set(registry.table("attention")) == {"reference", "cpu", "triton", "cuda"}
+    assert set(registry.table("attention")) == {"reference", "cpu", "torch", "triton", "cuda"}

@@ -210,7 +210,7 @@ def test_fastlm_providers_skip_with_reasons(harness):
     triton = providers["op-triton"].skip_reason(case, torch.device("cpu"), "forward")
     assert triton and ("interpret" in triton.lower() or "triton" in triton)  # never times the interpreter
     assert providers["op-cuda"].skip_reason(case, torch.device("cpu"), "forward")
-    assert providers["op-torch"].skip_reason(case, torch.device("cpu"), "forward")  # GPU tensors only, or not registered
+    assert providers["op-torch"].skip_reason(case, torch.device("cpu"), "forward")  # CUDA tensors only
 
 
 # --------------------------------------------------------------------------- report

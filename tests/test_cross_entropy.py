@@ -261,7 +261,8 @@ def test_out_of_range_label_raises_on_cpu(backend, bad):
         cross_entropy(logits, labels, backend=backend)
 
 
-@pytest.mark.parametrize("module", ["fastlm.reference.cross_entropy", "fastlm.kernels.cross_entropy"])
+@pytest.mark.parametrize("module", ["fastlm.reference.cross_entropy", "fastlm.kernels.cross_entropy",
+                                    "fastlm.aten.cross_entropy"])
 def test_kernel_flags_out_of_range_label_with_nan(module):
     """The device-side flag used on GPUs: the kernel marks a bad row's loss and gradient NaN."""
     if "kernels" in module:

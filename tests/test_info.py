@@ -10,7 +10,7 @@ from fastlm.info import collect
 
 def test_collect_reports_every_backend_and_op():
     data = collect()
-    assert set(data["backends"]) == {"reference", "cpu", "triton", "cuda"}
+    assert set(data["backends"]) == {"reference", "cpu", "torch", "triton", "cuda"}
     for backend in data["backends"].values():
         assert backend["available"] or backend["reason"]
     assert {"attention", "softmax", "cross_entropy"} <= set(data["ops"])

@@ -7,9 +7,13 @@ call inside the op (:func:`fastlm.registry.select`), so tracing never sees it.
 
 What a call tells the backends (:class:`fastlm.registry.Problem`): ``head_dim``, ``length``
 (the longest query or key sequence) and the features it needs, from :data:`FEATURES`:
-``padding`` (a key padding mask), ``packed`` (cu_seqlens), ``causal`` (top-left),
-``bottom_right`` (causal aligned to the last key), ``window``, ``dropout``, ``gqa``
-(fewer kv heads than query heads).
+``padding`` (a key padding mask), ``packed`` (cu_seqlens), ``causal`` (a causal mask),
+``window``, ``dropout``, ``gqa`` (fewer kv heads than query heads), and the alignment of
+a causal mask or window when it matters, i.e. when query and key lengths may differ:
+``top_left`` (query i at position i: causal True, or a window without causal) or
+``bottom_right`` (aligned to the last key).  Lengths are known equal for padded calls
+with ``seq_q == seq_k`` and packed calls given the same ``cu_seqlens`` tensor for q and k;
+there both alignments are one mask (PyTorch's flash kernel, bottom-right only, serves it).
 """
 import math
 from typing import Optional
@@ -19,11 +23,11 @@ from torch import Tensor
 
 from fastlm import registry
 from fastlm.ops import _common
-from fastlm.registry import Implementation, Problem, Sizes
+from fastlm.registry import Implementation, Kernel, Problem, Sizes
 
-FEATURES = frozenset({"padding", "packed", "causal", "bottom_right", "window", "dropout", "gqa"})
+FEATURES = frozenset({"padding", "packed", "causal", "top_left", "bottom_right", "window", "dropout", "gqa"})
 _CAUSAL_CODES = {False: 0, True: 1, "bottom_right": 2}
-_CAUSAL_FEATURES = {0: (), 1: ("causal",), 2: ("bottom_right",)}
+_HALF = (torch.float16, torch.bfloat16)
 
 registry.register(
     Implementation("attention", "reference", "fastlm.reference.attention", _common.FLOAT_DTYPES, features=FEATURES),
@@ -31,28 +35,58 @@ registry.register(
                    head_dims=Sizes(1, 256), features=FEATURES),
     Implementation("attention", "triton", "fastlm.kernels.attention", (torch.float16, torch.bfloat16, torch.float32),
                    head_dims=Sizes(16, 256), features=FEATURES),
-    Implementation("attention", "cuda", "fastlm_C", (torch.float16, torch.bfloat16), head_dims=Sizes.of(64, 128),
+    Implementation("attention", "cuda", "fastlm_C", _HALF, head_dims=Sizes.of(64, 128),
                    features=FEATURES - {"window"}),
+    # PyTorch's own kernels (fastlm/aten/attention.py says how each call maps onto them).
+    Implementation("attention", "torch", "fastlm.aten.attention", (*_HALF, torch.float32),
+                   head_dims=Sizes(8, 256, multiple=8), features=FEATURES, kernels=(
+                       Kernel("flash", _HALF, Sizes(8, 256, multiple=8),
+                              features=FEATURES - {"padding", "top_left"}),
+                       Kernel("memory-efficient", (*_HALF, torch.float32), Sizes(8, 256, multiple=8),
+                              features=FEATURES - {"window"}))),
 )
 
 
 def problem(q: Tensor, k: Tensor, *, padding: bool, packed: bool, causal: int, window: int, dropout_p: float,
-            max_seqlen: int) -> Problem:
-    """What a call on ``q``/``k`` needs from a backend (kernel-level ``causal``/``window`` codes)."""
-    features = [name for name, needed in (("padding", padding), ("packed", packed), ("window", window > 0),
+            max_seqlen: int, same_lengths: bool = False) -> Problem:
+    """What a call on ``q``/``k`` needs from a backend (kernel-level ``causal``/``window``
+    codes; ``same_lengths``: every query sequence is as long as its key sequence)."""
+    aligned = (causal != 0 or window > 0) and not same_lengths  # the alignment changes the mask
+    features = [name for name, needed in (("padding", padding), ("packed", packed), ("causal", causal != 0),
+                                          ("top_left", aligned and causal != 2),
+                                          ("bottom_right", aligned and causal == 2), ("window", window > 0),
                                           ("dropout", dropout_p > 0.0), ("gqa", q.shape[1] != k.shape[1]))
                 if needed]
-    return Problem.of(q.device, q.dtype, head_dim=q.shape[-1], length=max_seqlen,
-                      features=(*features, *_CAUSAL_FEATURES[causal]))
+    return Problem.of(q.device, q.dtype, head_dim=q.shape[-1], length=max_seqlen, features=features)
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are one tensor (the same object, or views of the same memory: a
+    compiled graph may hand the saved tensor back as another object; meta tensors have no
+    memory to compare)."""
+    return a is b or (a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.device == b.device)
+
+
+def problem_of(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int,
+               dropout_p: float) -> Problem:
+    """:func:`problem` of a kernel-level call (the op's arguments): what the backends are
+    asked, the same in the forward and the backward."""
+    packed = cu_seqlens_q is not None
+    if packed:
+        longest, same = max(max_seqlen_q, max_seqlen_k), _same_tensor(cu_seqlens_q, cu_seqlens_k)
+    else:
+        longest, same = max(q.shape[2], k.shape[2]), q.shape[2] == k.shape[2]
+    return problem(q, k, padding=key_padding_mask is not None, packed=packed, causal=causal, window=window,
+                   dropout_p=dropout_p, max_seqlen=longest, same_lengths=same)
 
 
 def _select(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-            max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int, dropout_p: float,
-            backend: str) -> Implementation:
-    packed = cu_seqlens_q is not None
-    longest = max(max_seqlen_q, max_seqlen_k) if packed else max(q.shape[2], k.shape[2])
-    prob = problem(q, k, padding=key_padding_mask is not None, packed=packed, causal=causal, window=window,
-                   dropout_p=dropout_p, max_seqlen=longest)
+            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int,
+            dropout_p: float, backend: str) -> Implementation:
+    prob = problem_of(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                      window, dropout_p)
     return registry.select("attention", prob, backend, q=q, k=k, key_padding_mask=key_padding_mask,
                            causal=causal, window=window, dropout_p=dropout_p)
 
@@ -63,8 +97,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int, dropout_p: float,
                   scale: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    impl = _select(q, k, key_padding_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window, dropout_p,
-                   backend)
+    impl = _select(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window,
+                   dropout_p, backend)
     return impl.function("forward")(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
                                     _common.seed_value(seed))
@@ -83,8 +117,8 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                            causal: int, window: int, dropout_p: float, scale: float, seed: Optional[Tensor],
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _select(q, k, key_padding_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window, dropout_p,
-                   backend)
+    impl = _select(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window,
+                   dropout_p, backend)
     return impl.function("backward")(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
                                      _common.seed_value(seed))
@@ -297,7 +331,8 @@ def serves(q: Tensor, k: Tensor, *, packed: bool = False, causal=False, window: 
     features (dtype, head dim, window, ...).  Sequence lengths are bounded by the tensors'."""
     seq = -2 if q.dim() == 4 else 0
     prob = problem(q, k, padding=False, packed=packed, causal=_causal_code(causal), window=_window_code(window),
-                   dropout_p=dropout_p, max_seqlen=max(q.shape[seq], k.shape[seq]))
+                   dropout_p=dropout_p, max_seqlen=max(q.shape[seq], k.shape[seq]),
+                   same_lengths=not packed and q.shape[seq] == k.shape[seq])
     try:
         registry.select("attention", prob, backend)
     except registry.BackendError:

@@ -29,6 +29,7 @@ registry.register(
     Implementation("cross_entropy", "cpu", "fastlm_C", _FAST_DTYPES),
     Implementation("cross_entropy", "triton", "fastlm.kernels.cross_entropy", _FAST_DTYPES),
     Implementation("cross_entropy", "cuda", "fastlm_C", _FAST_DTYPES),
+    Implementation("cross_entropy", "torch", "fastlm.aten.cross_entropy", _FAST_DTYPES),
 )
 
 

@@ -9,8 +9,10 @@ picks for such logits (same device, dtype and vocab).  So this op runs on every
 cross-entropy backend, with that backend's trust status, and has no kernels of its own.
 
 Memory: at most one ``(chunk_rows, V)`` block of logits and one of their gradient exist
-at a time (``chunk_rows`` from :func:`chunk_rows`: ~16 MiB of fp32 logits on a CPU).  The
-backward RECOMPUTES each chunk's logits rather than the forward saving gradients.
+at a time (``chunk_rows`` from :func:`chunk_rows`: ~16 MiB of fp32 logits on a CPU; on a
+GPU 1/128 of its memory, clamped to 256 MiB..1 GiB, so a 30k-vocabulary chunk holds ~8,800
+rows on an 80+ GB GPU: the weight is re-read once per chunk, and the GEMMs are large).
+The backward RECOMPUTES each chunk's logits rather than the forward saving gradients.
 Saving them (as Liger's fused linear-CE does) keeps an fp32 ``(V, H)`` weight gradient
 alive from forward to backward and needs a second one when the backward scales it by
 ``grad_output`` out of place (a custom op may not scale its saved input in place):
@@ -18,13 +20,17 @@ alive from forward to backward and needs a second one when the backward scales i
 matmul per chunk (4 matmuls instead of 3, +33% head FLOPs) and holds one weight
 gradient, during the backward only; for an fp32 (fp64) weight the chunks accumulate
 straight into the returned gradient.  Bias and low-precision weight gradients
-accumulate in fp32 across chunks and are rounded once.
+accumulate in fp32 across chunks and are rounded once; on a GPU (where torch has
+``addmm(..., out_dtype=float32)``) each bf16/fp16 chunk's weight-gradient GEMM adds its
+fp32 products straight into that fp32 buffer, elsewhere the chunk's product is rounded
+to the weight's dtype before the fp32 add.
 
 Synchronisation: dropping rows needs their count on the host, so on a GPU the op makes
 exactly one host synchronisation per forward and one per backward (``nonzero``).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,21 +44,37 @@ from fastlm.registry import Implementation
 registry.register_composite("linear_cross_entropy", via="cross_entropy",
                             how="chunked matmul, then the cross_entropy kernels on each chunk of logits")
 
-# Bytes of fp32 logits per chunk, by device type (devices without an entry use the CPU's).
-# A chunk's logits block and its gradient block sit beside the weight gradient (94 MB
-# in fp32 for 30,522 x 768): 2 x 16 MiB on a CPU.
-CHUNK_BYTES = {"cpu": 16 * 2**20}
+# Bytes of fp32 logits per chunk on a CPU.  A chunk's logits block and its gradient block
+# sit beside the weight gradient (94 MB in fp32 for 30,522 x 768): 2 x 16 MiB.
+CPU_CHUNK_BYTES = 16 * 2**20
+# On a GPU: this fraction of its memory, within these bounds.  A chunk's temporaries
+# (logits, fp32 log-probabilities, gradient) take ~2x the fp32 logits' bytes.
+GPU_CHUNK_FRACTION = 1 / 128
+GPU_CHUNK_BYTES = (256 * 2**20, 2**30)
 
 
-def chunk_rows(device_type: str, vocab: int) -> int:
-    """Rows per chunk: ``FASTLM_LCE_CHUNK_ROWS`` if set, else what fits the device's
-    :data:`CHUNK_BYTES` of fp32 logits."""
+@functools.lru_cache(maxsize=None)
+def _gpu_chunk_bytes(index: int) -> int:
+    """The chunk budget of CUDA device ``index``: read from the device once, on first use."""
+    total = torch.cuda.get_device_properties(index).total_memory
+    low, high = GPU_CHUNK_BYTES
+    return int(min(max(total * GPU_CHUNK_FRACTION, low), high))
+
+
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    """Rows per chunk: ``FASTLM_LCE_CHUNK_ROWS`` if set, else what fits the device's budget
+    of fp32 logits (:data:`CPU_CHUNK_BYTES`; on a GPU :data:`GPU_CHUNK_FRACTION` of its
+    memory within :data:`GPU_CHUNK_BYTES`)."""
     env = os.environ.get("FASTLM_LCE_CHUNK_ROWS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"FASTLM_LCE_CHUNK_ROWS must be a positive integer, got {env!r}")
         return int(env)
-    return max(1, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // (4 * vocab))
+    if device.type == "cuda":
+        budget = _gpu_chunk_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        budget = CPU_CHUNK_BYTES
+    return max(1, budget // (4 * vocab))
 
 
 def _select(hidden: torch.Tensor, weight: torch.Tensor, backend: str) -> Implementation:
@@ -75,6 +97,26 @@ def _chunks(rows: int, size: int):
 
 def _logits(h, weight, bias):
     return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp32_output_gemm(device_type: str) -> bool:
+    """Whether this torch has ``addmm(..., out_dtype=)`` (bf16/fp16 products summed into an
+    fp32 output) for this device type: a schema/dispatch lookup, no device query."""
+    key = {"cuda": "CUDA", "meta": "Meta"}.get(device_type)
+    return (key is not None and hasattr(torch.ops.aten.addmm, "dtype_out")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", key))
+
+
+def _add_weight_grad(grad_w, g, hc):
+    """``grad_w += g^T hc`` into the fp32 (fp64) accumulator, without rounding the chunk's
+    products to ``g``'s dtype where torch can (no extra pass over ``grad_w`` either)."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), hc)
+    elif _has_fp32_output_gemm(grad_w.device.type):
+        torch.addmm(grad_w, g.t(), hc, out_dtype=grad_w.dtype, out=grad_w)
+    else:  # the GEMM accumulates in fp32 within a chunk; its result is rounded to g's dtype
+        grad_w += torch.mm(g.t(), hc)
 
 
 # ------------------------------------------------------------------------ registered ops
@@ -128,10 +170,7 @@ def _linear_cross_entropy_backward_op(grad_loss: torch.Tensor, hidden: torch.Ten
         _, g = ce_forward(_logits(hc, weight, bias), y[start:end], ignore_index, label_smoothing, z_loss, True)
         g = ce_backward(g, scale[start:end])
         torch.mm(g, weight, out=grad_h[start:end])
-        if g.dtype == acc:
-            grad_w.addmm_(g.t(), hc)
-        else:  # bf16/fp16: the GEMM accumulates in fp32 within a chunk, grad_w across chunks
-            grad_w += torch.mm(g.t(), hc)
+        _add_weight_grad(grad_w, g, hc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
         del g  # else it would live on beside the next chunk's logits and gradient
@@ -182,9 +221,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
             (same semantics, same exception: all rows ignored under ``"mean"`` -> 0.0).
         chunk_size: rows of logits computed at once (memory bound: ``chunk_size * V``
             logits plus as many gradients); default ``FASTLM_LCE_CHUNK_ROWS`` or
-            :func:`chunk_rows` (~16 MiB of fp32 logits on a CPU).
+            :func:`chunk_rows` (~16 MiB of fp32 logits on a CPU, 256 MiB..1 GiB on a GPU).
         backend: the ``cross_entropy`` backend that runs each chunk ("auto", "reference",
-            "cpu", "triton" or "cuda"; see ``fastlm info``).
+            "cpu", "torch", "triton" or "cuda"; see ``fastlm info``).
 
     Returns the loss in float32 (float64 for float64 inputs; shape of ``labels`` for
     ``"none"``): the logits of each chunk are those of a ``hidden.dtype`` matmul, as a
@@ -214,7 +253,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
     if chunk_size is None:
-        chunk_size = chunk_rows(hidden.device.type, weight.shape[0])
+        chunk_size = chunk_rows(hidden.device, weight.shape[0])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     backend = registry.check_backend_name(backend)
