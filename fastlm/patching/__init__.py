@@ -28,8 +28,9 @@ of the unpatched model.  transformers is imported at the first ``patch`` call, n
 from __future__ import annotations
 
 import warnings
+import weakref
 
-from fastlm.patching import architectures, binding
+from fastlm.patching import architectures, binding, tiers
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
 
 __all__ = ["patch", "unpatch", "PatchReport"]
@@ -92,7 +93,9 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
         report.add("attention", NOT_APPLICABLE, "attention=False")
     _patch_unpad(target, family, unpad, attention, report)
     _patch_head(target, family, cross_entropy, report)
-    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation)
+    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation, tiers)
+    if backend == "auto" and report.patched:
+        tiers.attach(target)  # per device/dtype: hand back what only the reference backend could serve
 
     unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
     if unsupported:
@@ -104,17 +107,37 @@ def _patch_attention(target, backend, report) -> None:
     from fastlm.patching.attention import NAME, ORIGINAL, ensure_registered
 
     ensure_registered()
-    original = target.config._attn_implementation
+    original = _implementation_before_fastlm(target)
     target.set_attn_implementation(NAME)
     if target.config._attn_implementation != NAME:
         report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
         return
+    key = id(target.config)
+    _BEFORE[key] = (weakref.ref(target.config, lambda _, key=key: _BEFORE.pop(key, None)), original)
     binding.bind(target, "set_attn_implementation", _set_attn_implementation)
     for module in target.modules():  # the attention function reads them from the layer it serves
         binding.set_attr(module, ORIGINAL, original)
         if backend != "auto":
             binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
+
+
+# id(config) -> (weak reference to it, its attention implementation before fastlm.patch switched it).
+# transformers models share the config object they are built from, and set_attn_implementation
+# switches that object: a second model built from it says "fastlm" from birth.
+_BEFORE: dict = {}
+
+
+def _implementation_before_fastlm(target) -> str:
+    """The model's attention implementation, or for a model built from the (shared) config of a
+    patched one, the implementation that config had before (else transformers' default)."""
+    from fastlm.patching.attention import NAME
+
+    current = target.config._attn_implementation
+    if current != NAME:
+        return current
+    ref, before = _BEFORE.get(id(target.config), (None, None))
+    return before if ref is not None and ref() is target.config else target.get_correct_attn_implementation(None)
 
 
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
@@ -127,6 +150,7 @@ def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
 
     binding.original(self, "set_attn_implementation")(attn_implementation, *args, **kwargs)
     current = self.config._attn_implementation
+    tiers.user_chose(self, current)
     report = self.__dict__.get(_REPORT)
     if report is None:
         return
@@ -190,6 +214,7 @@ def unpatch(model) -> None:
 
     target = _target(model)
     original = target.__dict__.get(ORIGINAL)
+    tiers.detach(target)
     for module in target.modules():
         binding.restore(module)
     if original is not None and target.config._attn_implementation == NAME:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fastlm.patching import binding
 from fastlm.patching.attention import backend_of
 from fastlm.patching.mlm_head import IGNORE_INDEX, labelled_rows, linear_loss, output_like
+from fastlm.patching.tiers import HEAD_OFF
 
 
 def patch_causal_lm(model) -> None:
@@ -32,7 +33,8 @@ def _causal_lm_forward(self, *args, **kwargs):
     named = binding.split_call(binding.signature(original), args, kwargs)
     labels = named.pop("labels", None)
     logits_to_keep = named.pop("logits_to_keep", 0)
-    if labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0):
+    if (labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0)
+            or self.__dict__.get(HEAD_OFF, False)):  # (HEAD_OFF: see fastlm.patching.tiers)
         return original(*args, **kwargs)
     spec = family_of(self).causal_lm
     return_dict = named.pop("return_dict", None)
