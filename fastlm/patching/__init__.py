@@ -7,21 +7,25 @@ Mechanisms (each its own module), chosen per family by the table in
 :mod:`fastlm.patching.architectures`:
 
 * :mod:`~fastlm.patching.attention`: the ``"fastlm"`` implementation registered in
-  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (2D padding masks,
-  packed batches, causal with left padding, dropout, grouped-query), switched on with the
-  model's own ``set_attn_implementation``;
+  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (its mask builder:
+  :mod:`~fastlm.patching.masks`; 2D padding masks, packed batches, causal with left padding,
+  dropout, grouped-query), switched on with the model's own ``set_attn_implementation``;
 * :mod:`~fastlm.patching.unpad`: BERT-family encoders (ModernBERT included, sliding-window
   layers too) run on packed real tokens, padding removed once before the layers and
   restored once at the end (zeros at padded positions);
 * :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
   labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
 * :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
-  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``.
+  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``;
+* :mod:`~fastlm.patching.tiers`: never slower: per device/dtype, a feature whose best fastlm
+  backend is the reference goes back to transformers' own path.
 
-Everything is bound on the model INSTANCE (``types.MethodType``; originals kept on the
-instance): transformers' classes and module globals are untouched except for the additive
-``"fastlm"`` registration in its two interfaces, so other models in the process are
-unaffected.  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
+Everything is bound on the model INSTANCE (:mod:`~fastlm.patching.binding`; originals kept
+on the instance, so copies and pickles of a patched model stay patched and independent):
+transformers' classes and module globals are untouched except for the additive ``"fastlm"``
+registration in its two interfaces, so other models in the process are unaffected (the
+config object, which transformers shares with models built from it, says ``"fastlm"``, as
+``set_attn_implementation`` would make it).  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
 of the unpatched model.  transformers is imported at the first ``patch`` call, never by
 ``import fastlm``.
 """
