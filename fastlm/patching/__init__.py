@@ -25,9 +25,9 @@ on the instance, so copies and pickles of a patched model stay patched and indep
 transformers' classes and module globals are untouched except for the additive ``"fastlm"``
 registration in its two interfaces, so other models in the process are unaffected (the
 config object, which transformers shares with models built from it, says ``"fastlm"``, as
-``set_attn_implementation`` would make it).  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
-of the unpatched model.  transformers is imported at the first ``patch`` call, never by
-``import fastlm``.
+``set_attn_implementation`` would make it).  No parameter or buffer is added:
+``state_dict``/``save_pretrained`` are those of the unpatched model.  transformers is
+imported at the first ``patch`` call, never by ``import fastlm``.
 """
 from __future__ import annotations
 
