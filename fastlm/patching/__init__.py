@@ -7,34 +7,40 @@ Mechanisms (each its own module), chosen per family by the table in
 :mod:`fastlm.patching.architectures`:
 
 * :mod:`~fastlm.patching.attention`: the ``"fastlm"`` implementation registered in
-  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (2D padding masks,
-  packed batches, causal with left padding, dropout, grouped-query), switched on with the
-  model's own ``set_attn_implementation``;
+  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (its mask builder:
+  :mod:`~fastlm.patching.masks`; 2D padding masks, packed batches, causal with left padding,
+  dropout, grouped-query), switched on with the model's own ``set_attn_implementation``;
 * :mod:`~fastlm.patching.unpad`: BERT-family encoders (ModernBERT included, sliding-window
   layers too) run on packed real tokens, padding removed once before the layers and
   restored once at the end (zeros at padded positions);
 * :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
   labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
 * :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
-  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``.
+  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``;
+* :mod:`~fastlm.patching.tiers`: never slower: per device/dtype, a feature whose best fastlm
+  backend is the reference goes back to transformers' own path.
 
-Everything is bound on the model INSTANCE (``types.MethodType``; originals kept on the
-instance): transformers' classes and module globals are untouched except for the additive
-``"fastlm"`` registration in its two interfaces, so other models in the process are
-unaffected.  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
-of the unpatched model.  transformers is imported at the first ``patch`` call, never by
-``import fastlm``.
+Everything is bound on the model INSTANCE (:mod:`~fastlm.patching.binding`; originals kept
+on the instance, so copies and pickles of a patched model stay patched and independent):
+transformers' classes and module globals are untouched except for the additive ``"fastlm"``
+registration in its two interfaces, so other models in the process are unaffected (the
+config object, which transformers shares with models built from it, says ``"fastlm"``, as
+``set_attn_implementation`` would make it).  No parameter or buffer is added:
+``state_dict``/``save_pretrained`` are those of the unpatched model.  transformers is
+imported at the first ``patch`` call, never by ``import fastlm``.
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 
-from fastlm.patching import architectures, binding
+from fastlm.patching import architectures, binding, tiers
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
 
 __all__ = ["patch", "unpatch", "PatchReport"]
 
-_ATTN_ORIGINAL = "_fastlm_attn_implementation"
+_REPORT = "_fastlm_report"
+_PADDED_WHEN_TRACED = "padded under torch.compile / torch.export tracing"
 
 
 def _target(model):
@@ -90,7 +96,10 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
     else:
         report.add("attention", NOT_APPLICABLE, "attention=False")
     _patch_unpad(target, family, unpad, attention, report)
-    _patch_head(target, family, cross_entropy, backend, report)
+    _patch_head(target, family, cross_entropy, report)
+    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation, tiers)
+    if backend == "auto" and report.patched:
+        tiers.attach(target)  # per device/dtype: hand back what only the reference backend could serve
 
     unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
     if unsupported:
@@ -99,19 +108,60 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
 
 
 def _patch_attention(target, backend, report) -> None:
-    from fastlm.patching.attention import NAME, ensure_registered
+    from fastlm.patching.attention import NAME, ORIGINAL, ensure_registered
 
     ensure_registered()
-    original = target.config._attn_implementation
+    original = _implementation_before_fastlm(target)
     target.set_attn_implementation(NAME)
     if target.config._attn_implementation != NAME:
         report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
         return
-    binding.set_attr(target, _ATTN_ORIGINAL, original)
-    if backend != "auto":
-        for module in target.modules():
+    key = id(target.config)
+    _BEFORE[key] = (weakref.ref(target.config, lambda _, key=key: _BEFORE.pop(key, None)), original)
+    binding.bind(target, "set_attn_implementation", _set_attn_implementation)
+    for module in target.modules():  # the attention function reads them from the layer it serves
+        binding.set_attr(module, ORIGINAL, original)
+        if backend != "auto":
             binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
+
+
+# id(config) -> (weak reference to it, its attention implementation before fastlm.patch switched it).
+# transformers models share the config object they are built from, and set_attn_implementation
+# switches that object: a second model built from it says "fastlm" from birth.
+_BEFORE: dict = {}
+
+
+def _implementation_before_fastlm(target) -> str:
+    """The model's attention implementation, or for a model built from the (shared) config of a
+    patched one, the implementation that config had before (else transformers' default)."""
+    from fastlm.patching.attention import NAME
+
+    current = target.config._attn_implementation
+    if current != NAME:
+        return current
+    ref, before = _BEFORE.get(id(target.config), (None, None))
+    return before if ref is not None and ref() is target.config else target.get_correct_attn_implementation(None)
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    """A patched model's ``set_attn_implementation``: transformers' own, then the report follows.
+
+    Switching a patched model to another implementation hands attention back to it, and
+    with it the unpadding (packed tokens need fastlm's varlen attention; the encoders check
+    the live implementation per call); switching back to ``"fastlm"`` resumes both."""
+    from fastlm.patching.attention import NAME
+
+    binding.original(self, "set_attn_implementation")(attn_implementation, *args, **kwargs)
+    current = self.config._attn_implementation
+    tiers.user_chose(self, current)
+    report = self.__dict__.get(_REPORT)
+    if report is None:
+        return
+    why = None if current == NAME else (f"set_attn_implementation({current!r}) after patch: transformers' "
+                                         f"{current!r} serves attention")
+    report.hand_back("attention", why)
+    report.hand_back("unpad", why and f"off while attention is {current!r} (packed tokens need fastlm's attention)")
 
 
 def _patch_unpad(target, family, unpad, attention, report) -> None:
@@ -126,17 +176,18 @@ def _patch_unpad(target, family, unpad, attention, report) -> None:
     elif family.packed_body:
         patch_packed_body(target.base_model)
         report.add("unpad", PATCHED, f"{type(target.base_model).__name__} runs on packed tokens "
-                                     "(padding removed once, positions kept)")
+                                     f"(padding removed once, positions kept; {_PADDED_WHEN_TRACED})")
     else:
         encoder = getattr(target.base_model, family.encoder, None)
         if encoder is None:
             report.add("unpad", UNSUPPORTED, f"no encoder at base_model.{family.encoder}")
             return
-        patch_encoder(target.base_model, encoder)
-        report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once)")
+        patch_encoder(target.base_model, family.encoder)
+        report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once; "
+                                     f"{_PADDED_WHEN_TRACED})")
 
 
-def _patch_head(target, family, cross_entropy, backend, report) -> None:
+def _patch_head(target, family, cross_entropy, report) -> None:
     from fastlm.patching.causal_lm import patch_causal_lm
     from fastlm.patching.mlm_head import patch_masked_lm
 
@@ -147,11 +198,11 @@ def _patch_head(target, family, cross_entropy, backend, report) -> None:
     elif not cross_entropy:
         report.add("head", NOT_APPLICABLE, "cross_entropy=False")
     elif task == "masked_lm" and family.masked_lm is not None:
-        patch_masked_lm(target, family.masked_lm, backend)
+        patch_masked_lm(target)
         report.add("head", PATCHED, "sparse masked-LM head + fused linear cross-entropy in training "
                                     "(logits=None when training with labels)")
     elif task == "causal_lm" and family.causal_lm is not None:
-        patch_causal_lm(target, family.causal_lm, backend)
+        patch_causal_lm(target)
         report.add("head", PATCHED, "fused linear cross-entropy over shifted labels in training "
                                     "(logits=None when training with labels)")
     else:
@@ -159,10 +210,16 @@ def _patch_head(target, family, cross_entropy, backend, report) -> None:
 
 
 def unpatch(model) -> None:
-    """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model)."""
+    """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model).
+
+    The attention implementation goes back to the one before :func:`patch`, unless it was
+    changed since (``set_attn_implementation`` on the patched model): that choice stays."""
+    from fastlm.patching.attention import NAME, ORIGINAL
+
     target = _target(model)
-    original = target.__dict__.get(_ATTN_ORIGINAL)
+    original = target.__dict__.get(ORIGINAL)
+    tiers.detach(target)
     for module in target.modules():
         binding.restore(module)
-    if original is not None:
+    if original is not None and target.config._attn_implementation == NAME:
         target.set_attn_implementation(original)

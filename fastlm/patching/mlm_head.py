@@ -22,11 +22,11 @@ accumulates in fp32.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from fastlm.patching import binding
+from fastlm.patching.attention import backend_of
+from fastlm.patching.masks import tracing
 
 IGNORE_INDEX = -100
 
@@ -34,8 +34,11 @@ IGNORE_INDEX = -100
 def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``hidden (..., H)``, ``labels (...)`` -> the labelled rows ``(N, H)`` and their labels ``(N,)``."""
     labels = labels.reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if tracing():  # N is data: a traced graph keeps every row (the loss op drops ignored ones inside)
+        return hidden, labels
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: N decides every shape after it
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
+    return hidden.index_select(0, rows), labels.index_select(0, rows)
 
 
 def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Tensor, backend: str,
@@ -59,38 +62,45 @@ def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Te
     return loss
 
 
-def output_like(output_cls, loss, base_outputs):
-    """``output_cls(loss=loss, logits=None, <every other field the body returned that it has>)``."""
+def split_head_call(model, args, kwargs):
+    """A head forward's call: ``(original forward, named arguments, labels, return_dict)``, the
+    named arguments without ``labels`` / ``return_dict`` (the body is called with them)."""
+    original = binding.original(model, "forward")
+    named = binding.split_call(binding.signature(original), args, kwargs)
+    labels = named.pop("labels", None)
+    return_dict = named.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return original, named, labels, return_dict
+
+
+def head_output(output_cls, loss, base_outputs, return_dict: bool):
+    """``output_cls(loss=loss, logits=None, <every other field the body returned that it has>)``,
+    as a tuple when ``return_dict`` is False."""
     fields = getattr(output_cls, "__dataclass_fields__", {})
     extra = {k: v for k, v in base_outputs.items()
              if k in fields and k not in ("loss", "logits", "last_hidden_state")}
-    return output_cls(loss=loss, logits=None, **extra)
+    out = output_cls(loss=loss, logits=None, **extra)
+    return out if return_dict else out.to_tuple()
 
 
-def patch_masked_lm(model, spec, backend: str) -> None:
-    """Bind the sparse forward on a ``*ForMaskedLM`` instance.
+def patch_masked_lm(model) -> None:
+    """Bind the sparse forward on a ``*ForMaskedLM`` instance (its family's
+    :class:`~fastlm.patching.architectures.MaskedLMHead` is looked up per call)."""
+    binding.bind(model, "forward", _masked_lm_forward)
 
-    ``spec``: the family's :class:`~fastlm.patching.architectures.MaskedLMHead`.
-    """
+
+def _masked_lm_forward(self, *args, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
 
-    def make(original):
-        signature = inspect.signature(original)
+    from fastlm.patching.architectures import family_of
 
-        def forward(self, *args, **kwargs):
-            named = binding.split_call(signature, args, kwargs)
-            labels = named.pop("labels", None)
-            if labels is None or not self.training:
-                return original(*args, **kwargs)
-            return_dict = named.pop("return_dict", None)
-            if return_dict is None:
-                return_dict = getattr(self.config, "return_dict", True)
-            num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
-            body = getattr(self, spec.body)(**named, return_dict=True)
-            hidden, targets = labelled_rows(body[0], labels)
-            loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend, num_items)
-            out = output_like(MaskedLMOutput, loss, body)
-            return out if return_dict else out.to_tuple()
-        return forward
-
-    binding.bind(model, "forward", make)
+    original, named, labels, return_dict = split_head_call(self, args, kwargs)
+    if labels is None or not self.training:
+        return original(*args, **kwargs)
+    spec = family_of(self).masked_lm
+    num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
+    body = getattr(self, spec.body)(**named, return_dict=True)
+    hidden, targets = labelled_rows(body[0], labels)
+    loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend_of(self), num_items)
+    return head_output(MaskedLMOutput, loss, body, return_dict)
