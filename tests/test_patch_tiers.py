@@ -109,3 +109,30 @@ def test_explicit_backend_and_user_choice_are_kept(reference_only):
     assert said == [] and other.config._attn_implementation == "eager"  # the user's choice wins
     fastlm.unpatch(other)
     assert not other._forward_pre_hooks and not other._forward_pre_hooks_with_kwargs
+
+
+@pytest.mark.parametrize("kind, model_type, expected", [
+    ("encoder", "bert", "torch"),        # unpadded: packed, no mask -> flash varlen
+    ("encoder", "modernbert", "torch"),  # packed with its local layers' window -> flash varlen
+    ("decoder", "llama", "torch"),       # padding mask + causal -> memory-efficient
+    ("decoder", "mistral", "torch"),     # no window in this config: as llama
+    ("decoder", "mistral-window", "reference"),  # padding + causal window: neither PyTorch kernel has both
+])
+def test_on_cuda_the_torch_tier_keeps_the_fused_path(monkeypatch, kind, model_type, expected):
+    """What the rule decides for a GPU when PyTorch's kernels are available (the torch tier):
+    the fused path stays wherever that tier serves the model's attention and loss."""
+    import dataclasses
+
+    from fastlm.patching import tiers
+
+    monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(registry.BACKENDS["torch"], probe=lambda: None))
+    registry._probe.cache_clear()
+    monkeypatch.setattr(registry, "_DECISIONS", {})
+    try:
+        model = encoder(model_type) if kind == "encoder" else decoder(model_type)
+        fastlm.patch(model)
+        ops = tiers._decide(model, "cuda", torch.bfloat16)
+        assert ops["attention"] == expected
+        assert ops["linear_cross_entropy"] == "torch"
+    finally:
+        registry._probe.cache_clear()

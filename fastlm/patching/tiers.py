@@ -109,13 +109,17 @@ def _attention_problem(model, device: str, dtype: torch.dtype):
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    q = torch.empty((1, heads, 1, head_dim), dtype=dtype, device=device)
-    k = torch.empty((1, kv_heads, 1, head_dim), dtype=dtype, device=device)
+    # shape-only stand-ins (meta: nothing allocated on the device), asked about ``device``
+    q = torch.empty((1, heads, 1, head_dim), dtype=dtype, device="meta")
+    k = torch.empty((1, kv_heads, 1, head_dim), dtype=dtype, device="meta")
     causal = family_of(model).causal_lm is not None or getattr(config, "is_decoder", False)
     window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     unpadded = isinstance(model.base_model.__dict__.get("forward"), binding.Method)
-    return problem(q, k, padding=True, packed=unpadded, causal=2 if causal else 0, window=1 if window else 0,
-                   dropout_p=0.0, max_seqlen=getattr(config, "max_position_embeddings", None) or 512)
+    # Unpadded encoders call the packed kernel without a mask, and their queries and keys are
+    # the same tokens (self-attention: no alignment question); padded models may pass a mask.
+    return problem(q, k, padding=not unpadded, packed=unpadded, causal=2 if causal else 0,
+                   window=1 if window else 0, dropout_p=0.0, same_lengths=True,
+                   max_seqlen=getattr(config, "max_position_embeddings", None) or 512)._replace(device=device)
 
 
 def _decide(model, device: str, dtype: torch.dtype) -> dict:
