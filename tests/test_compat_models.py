@@ -289,3 +289,27 @@ def test_save_pretrained_then_plain_transformers_from_pretrained(tmp_path):
         want, mask = refs[family]
         got = torch.load(tmp_path / family / "reloaded_logits.pt")
         assert_same_rows(got, want, mask, f"{family} reloaded without fastlm")
+
+
+# ------------------------------------------------------------- torch.compile(fullgraph)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_fullgraph(family):
+    """``torch.compile(model, fullgraph=True)`` of the whole patched model (no graph break
+    allowed): eval outputs on a padded batch, then a training step's loss and gradients, as
+    the unpatched twin.  Backend ``aot_eager``: dynamo's graph and AOT autograd's fake-tensor
+    trace, which is what breaks on data-dependent code, without inductor's compile time."""
+    torch._dynamo.reset()
+    ref, new = patched_twins(build(family))
+    compiled = torch.compile(new, fullgraph=True, backend="aot_eager")
+    ids, mask = padded_batch(LENGTHS)
+    assert_same_rows(main_output(_eval(compiled, input_ids=ids, attention_mask=mask)),
+                     main_output(_eval(ref, input_ids=ids, attention_mask=mask)), mask, "compiled eval outputs")
+    ref.train(), new.train()
+    labels = _labels(family, ids, mask)
+    a = quiet(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = quiet(compiled, input_ids=ids, attention_mask=mask, labels=labels)
+    a.loss.backward()
+    b.loss.backward()
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "compiled training loss")
+    assert_same_grads(ref, new, REL_GRAD.get(family, REL))
