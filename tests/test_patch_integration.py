@@ -3,7 +3,9 @@ gradient checkpointing, PEFT LoRA, autocast, torch.compile, save/load, DDP (CPU,
 Tolerances as in test_patch.py (1e-5 relative, fp32) unless said."""
 import copy
 import inspect
+import io
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -263,3 +265,78 @@ def test_ddp_two_processes_gloo(tmp_path):
         opt.zero_grad()
     for r in range(2):
         assert_close_rel(torch.tensor(ddp_losses[r]), torch.tensor(single[r]), REL, f"rank {r} losses")
+
+
+# ----------------------------------------------------------------- the patched model's lifecycle
+def _copy(model, how):
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    if how == "pickle":
+        pickle.dump(model, buffer)
+        buffer.seek(0)
+        return pickle.load(buffer)
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _training_batch(model_type):
+    ids, mask = padded_batch([9, 4, 9, 6])
+    labels = ids.masked_fill(mask == 0, -100) if model_type == "llama" else mlm_labels(ids, mask)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert", "llama"])
+def test_a_copy_of_a_patched_model_is_patched_and_computes_with_its_own_weights(model_type, how):
+    """Reference models, EMA and model soups deep-copy (or save) a patched model: the copy must
+    run ITS weights through the patch (not the original instance's), and unpatch independently."""
+    make = decoder if model_type == "llama" else encoder
+    model = make(model_type).train()
+    fastlm.patch(model)
+    the_copy = _copy(model, how)
+    with torch.no_grad():  # the copy's weights now differ from the original's
+        for p in the_copy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plain = copy.deepcopy(the_copy)
+    fastlm.unpatch(plain)
+    batch = _training_batch(model_type)
+    out = the_copy(**batch)
+    assert out.logits is None, "the copy lost the patch"
+    want = plain(**batch)
+    assert want.logits is not None
+    assert_close_rel(out.loss.detach(), want.loss.detach(), REL, "copy's loss vs its unpatched twin")
+    assert (out.loss - model(**batch).loss).abs() > 1e-4  # not the original's weights
+    fastlm.unpatch(the_copy)
+    assert the_copy(**batch).logits is not None
+    assert model(**batch).logits is None, "unpatching the copy unpatched the original"
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_set_attn_implementation_after_patch_hands_attention_and_unpadding_back(model_type, impl):
+    """After set_attn_implementation(other) on a patched encoder, the other implementation serves
+    attention and no packed tokens reach it (they would attend across sequences); config and
+    report say so; set_attn_implementation("fastlm") resumes both."""
+    ref, new = twins(encoder(model_type, "Model").eval())
+    report = fastlm.patch(new)
+    ref.set_attn_implementation(impl)
+    new.set_attn_implementation(impl)
+    assert new.config._attn_implementation == impl
+    assert dict((p, s) for p, s, _ in report.entries)["attention"] == "handed back"
+    assert dict((p, s) for p, s, _ in report.entries)["unpad"] == "handed back"
+    assert f"transformers' {impl!r} serves attention" in str(report)
+    ids, mask = padded_batch([9, 4, 9, 6])
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = new(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_close_rel(b, a, REL, f"{impl} after patch, padded positions included")
+        new.set_attn_implementation("fastlm")
+        assert report.patched == ["attention", "unpad"]
+        c = new(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert_close_rel(c[valid], a[valid], REL, "fastlm again")
+    assert c[~valid].abs().max() == 0  # unpadded again: zeros at padded positions (documented)
+    fastlm.unpatch(new)
+    assert new.config._attn_implementation == "sdpa"

@@ -35,6 +35,7 @@ from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchRe
 __all__ = ["patch", "unpatch", "PatchReport"]
 
 _ATTN_ORIGINAL = "_fastlm_attn_implementation"
+_REPORT = "_fastlm_report"
 
 
 def _target(model):
@@ -90,7 +91,8 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
     else:
         report.add("attention", NOT_APPLICABLE, "attention=False")
     _patch_unpad(target, family, unpad, attention, report)
-    _patch_head(target, family, cross_entropy, backend, report)
+    _patch_head(target, family, cross_entropy, report)
+    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation)
 
     unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
     if unsupported:
@@ -108,10 +110,30 @@ def _patch_attention(target, backend, report) -> None:
         report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
         return
     binding.set_attr(target, _ATTN_ORIGINAL, original)
+    binding.bind(target, "set_attn_implementation", _set_attn_implementation)
     if backend != "auto":
         for module in target.modules():
             binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    """A patched model's ``set_attn_implementation``: transformers' own, then the report follows.
+
+    Switching a patched model to another implementation hands attention back to it, and
+    with it the unpadding (packed tokens need fastlm's varlen attention; the encoders check
+    the live implementation per call); switching back to ``"fastlm"`` resumes both."""
+    from fastlm.patching.attention import NAME
+
+    binding.original(self, "set_attn_implementation")(attn_implementation, *args, **kwargs)
+    current = self.config._attn_implementation
+    report = self.__dict__.get(_REPORT)
+    if report is None:
+        return
+    why = None if current == NAME else (f"set_attn_implementation({current!r}) after patch: transformers' "
+                                         f"{current!r} serves attention")
+    report.hand_back("attention", why)
+    report.hand_back("unpad", why and f"off while attention is {current!r} (packed tokens need fastlm's attention)")
 
 
 def _patch_unpad(target, family, unpad, attention, report) -> None:
@@ -132,11 +154,11 @@ def _patch_unpad(target, family, unpad, attention, report) -> None:
         if encoder is None:
             report.add("unpad", UNSUPPORTED, f"no encoder at base_model.{family.encoder}")
             return
-        patch_encoder(target.base_model, encoder)
+        patch_encoder(target.base_model, family.encoder)
         report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once)")
 
 
-def _patch_head(target, family, cross_entropy, backend, report) -> None:
+def _patch_head(target, family, cross_entropy, report) -> None:
     from fastlm.patching.causal_lm import patch_causal_lm
     from fastlm.patching.mlm_head import patch_masked_lm
 
@@ -147,11 +169,11 @@ def _patch_head(target, family, cross_entropy, backend, report) -> None:
     elif not cross_entropy:
         report.add("head", NOT_APPLICABLE, "cross_entropy=False")
     elif task == "masked_lm" and family.masked_lm is not None:
-        patch_masked_lm(target, family.masked_lm, backend)
+        patch_masked_lm(target)
         report.add("head", PATCHED, "sparse masked-LM head + fused linear cross-entropy in training "
                                     "(logits=None when training with labels)")
     elif task == "causal_lm" and family.causal_lm is not None:
-        patch_causal_lm(target, family.causal_lm, backend)
+        patch_causal_lm(target)
         report.add("head", PATCHED, "fused linear cross-entropy over shifted labels in training "
                                     "(logits=None when training with labels)")
     else:
@@ -159,10 +181,15 @@ def _patch_head(target, family, cross_entropy, backend, report) -> None:
 
 
 def unpatch(model) -> None:
-    """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model)."""
+    """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model).
+
+    The attention implementation goes back to the one before :func:`patch`, unless it was
+    changed since (``set_attn_implementation`` on the patched model): that choice stays."""
+    from fastlm.patching.attention import NAME
+
     target = _target(model)
     original = target.__dict__.get(_ATTN_ORIGINAL)
     for module in target.modules():
         binding.restore(module)
-    if original is not None:
+    if original is not None and target.config._attn_implementation == NAME:
         target.set_attn_implementation(original)

@@ -56,7 +56,8 @@ def _warn_once(reason: str) -> None:
                       "(q @ k^T -> fastlm.ops.softmax -> @ v), slower but exact", stacklevel=3)
 
 
-def _backend(module) -> str:
+def backend_of(module) -> str:
+    """The ``backend=`` given to :func:`fastlm.patch` (stored on every module when not ``"auto"``)."""
     return getattr(module, "_fastlm_backend", "auto")
 
 
@@ -80,7 +81,7 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout:
                                   "fastlm.patch does not switch such models to it")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     causal_mode = "bottom_right" if causal else False
-    backend = _backend(module)
+    backend = backend_of(module)
     k, v = key.to(query.dtype), value.to(query.dtype)
     seq_q, seq_k = query.shape[2], k.shape[2]
 

@@ -1,49 +1,94 @@
-"""Per-instance method replacement that can be undone exactly.
+"""Per-instance method replacement that can be undone exactly, and survives copies.
 
-A replacement is a plain function bound to ONE module instance with
-``types.MethodType`` and stored in that instance's ``__dict__``: the class, other
-instances and transformers' module globals are never touched.  What was in the
-instance's ``__dict__`` before (usually nothing: the class method was in effect) is kept
-in ``module._fastlm_originals`` and put back by :func:`restore`.  Nothing here is a
-parameter or buffer, so state dicts are unchanged.
+A replacement is a module-level function ``function(module, *args, **kwargs)`` stored on
+ONE module instance, in its ``__dict__``, wrapped in a :class:`Method`: the class, other
+instances and transformers' module globals are never touched.  What was in the instance's
+``__dict__`` before (usually nothing: the class method was in effect) is kept in
+``module._fastlm_originals`` and put back by :func:`restore`; the replacement reaches it
+with :func:`original`.  Nothing here is a parameter or buffer, so state dicts are unchanged.
+
+Why not closures or ``types.MethodType`` over a closure: ``copy.deepcopy`` copies
+functions by reference, so a copied model's forward would still close over the ORIGINAL
+instance (its weights, its encoder) and silently return the original's outputs.  Here
+every piece of per-instance state lives in the instance's ``__dict__`` (copied with the
+instance, references between modules remapped by deepcopy's memo) and the functions are
+module-level, so ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` give a patched
+copy that computes with its own weights.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 from typing import Callable
 
 ORIGINALS = "_fastlm_originals"
-_ABSENT = object()
 
 
-def bind(module, name: str, make: Callable[[Callable], Callable]) -> None:
-    """Replace ``module.<name>`` on this instance by ``make(original)`` (an unbound function of self).
+class _Absent:
+    """Marker for "the instance had no such attribute": one object, kept by copy and pickle."""
 
-    The replacement carries the original's signature, so callers that inspect it
-    (``Trainer`` drops dataset columns the forward does not name) see the same one.
+    def __reduce__(self):
+        return "ABSENT"  # pickle / deepcopy resolve it to this module's global, not a new object
+
+    def __repr__(self):
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
+class Method:
+    """``module.<name>`` after :func:`bind`: calling it calls ``function(module, *args, **kwargs)``.
+
+    ``__func__`` / ``__self__`` as on a bound method (accelerate re-binds ``forward.__func__``);
+    ``inspect.signature`` gives the replaced method's signature, so callers that inspect it
+    (``Trainer`` drops dataset columns the forward does not name; ``generate`` looks for
+    ``logits_to_keep``) see the same one.
     """
-    original = getattr(module, name)
-    fn = make(original)
-    try:
-        sig = inspect.signature(original)
-        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        fn.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
-    except (TypeError, ValueError):  # builtins without a signature: leave fn's own
-        pass
-    fn.__doc__ = getattr(original, "__doc__", None)
-    saved = module.__dict__.setdefault(ORIGINALS, {})
-    if name not in saved:  # a second bind of the same name keeps the first original
-        saved[name] = module.__dict__.get(name, _ABSENT)
-    object.__setattr__(module, name, types.MethodType(fn, module))
+
+    def __init__(self, function: Callable, module, name: str):
+        self.__func__, self.__self__, self.name = function, module, name
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(original(self.__self__, self.name))
+
+    def __repr__(self):
+        return f"<fastlm replacement of {type(self.__self__).__name__}.{self.name}: {self.__func__.__qualname__}>"
+
+
+def bind(module, name: str, function: Callable) -> None:
+    """Replace ``module.<name>`` on this instance by ``function(module, *args, **kwargs)``.
+
+    ``function`` must be a module-level function (pickled by reference) that keeps no
+    per-instance state outside ``module.__dict__``; it calls what it replaced through
+    :func:`original`.
+    """
+    _save(module, name)
+    object.__setattr__(module, name, Method(function, module, name))
+
+
+def original(module, name: str) -> Callable:
+    """What ``module.<name>`` was before :func:`bind`, bound to ``module``."""
+    previous = module.__dict__[ORIGINALS][name]
+    if previous is ABSENT:
+        return getattr(type(module), name).__get__(module, type(module))
+    return previous
 
 
 def set_attr(module, name: str, value) -> None:
     """Set a plain (non-parameter) attribute on this instance, restored by :func:`restore`."""
-    saved = module.__dict__.setdefault(ORIGINALS, {})
-    if name not in saved:
-        saved[name] = module.__dict__.get(name, _ABSENT)
+    _save(module, name)
     object.__setattr__(module, name, value)
+
+
+def _save(module, name: str) -> None:
+    saved = module.__dict__.setdefault(ORIGINALS, {})
+    if name not in saved:  # a second bind/set of the same name keeps the first original
+        saved[name] = module.__dict__.get(name, ABSENT)
 
 
 def is_bound(module) -> bool:
@@ -56,10 +101,24 @@ def restore(module) -> None:
     if not saved:
         return
     for name, previous in saved.items():
-        if previous is _ABSENT:
+        if previous is ABSENT:
             module.__dict__.pop(name, None)
         else:
             module.__dict__[name] = previous
+
+
+def signature(method: Callable) -> inspect.Signature:
+    """``inspect.signature`` of a bound method, cached per underlying function (per-call cost)."""
+    function = getattr(method, "__func__", None)
+    if function is None or not inspect.isfunction(function):
+        return inspect.signature(method)
+    return _without_self(function)
+
+
+@functools.lru_cache(maxsize=None)
+def _without_self(function: Callable) -> inspect.Signature:
+    sig = inspect.signature(function)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def split_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:

@@ -10,42 +10,40 @@ matmul; ``logits`` is returned as None.  Only heads that are a plain ``nn.Linear
 """
 from __future__ import annotations
 
-import inspect
-
 import torch.nn.functional as F
 
 from fastlm.patching import binding
+from fastlm.patching.attention import backend_of
 from fastlm.patching.mlm_head import IGNORE_INDEX, labelled_rows, linear_loss, output_like
 
 
-def patch_causal_lm(model, spec, backend: str) -> None:
-    """Bind the fused-loss forward on a ``*ForCausalLM`` instance.
+def patch_causal_lm(model) -> None:
+    """Bind the fused-loss forward on a ``*ForCausalLM`` instance (its family's
+    :class:`~fastlm.patching.architectures.CausalLMHead` is looked up per call)."""
+    binding.bind(model, "forward", _causal_lm_forward)
 
-    ``spec``: the family's :class:`~fastlm.patching.architectures.CausalLMHead`.
-    """
+
+def _causal_lm_forward(self, *args, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    def make(original):
-        signature = inspect.signature(original)
+    from fastlm.patching.architectures import family_of
 
-        def forward(self, *args, **kwargs):
-            named = binding.split_call(signature, args, kwargs)
-            labels = named.pop("labels", None)
-            logits_to_keep = named.pop("logits_to_keep", 0)
-            if labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0):
-                return original(*args, **kwargs)
-            return_dict = named.pop("return_dict", None)
-            if return_dict is None:
-                return_dict = getattr(self.config, "return_dict", True)
-            shift_labels = named.pop("shift_labels", None)
-            num_items = named.pop("num_items_in_batch", None)
-            body = getattr(self, spec.body)(**named, return_dict=True)
-            if shift_labels is None:
-                shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            hidden, targets = labelled_rows(body[0], shift_labels)
-            loss = linear_loss(hidden, spec.head(self), targets, backend, num_items)
-            out = output_like(CausalLMOutputWithPast, loss, body)
-            return out if return_dict else out.to_tuple()
-        return forward
-
-    binding.bind(model, "forward", make)
+    original = binding.original(self, "forward")
+    named = binding.split_call(binding.signature(original), args, kwargs)
+    labels = named.pop("labels", None)
+    logits_to_keep = named.pop("logits_to_keep", 0)
+    if labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0):
+        return original(*args, **kwargs)
+    spec = family_of(self).causal_lm
+    return_dict = named.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    shift_labels = named.pop("shift_labels", None)
+    num_items = named.pop("num_items_in_batch", None)
+    body = getattr(self, spec.body)(**named, return_dict=True)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    hidden, targets = labelled_rows(body[0], shift_labels)
+    loss = linear_loss(hidden, spec.head(self), targets, backend_of(self), num_items)
+    out = output_like(CausalLMOutputWithPast, loss, body)
+    return out if return_dict else out.to_tuple()

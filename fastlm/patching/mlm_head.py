@@ -22,11 +22,10 @@ accumulates in fp32.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from fastlm.patching import binding
+from fastlm.patching.attention import backend_of
 
 IGNORE_INDEX = -100
 
@@ -67,30 +66,29 @@ def output_like(output_cls, loss, base_outputs):
     return output_cls(loss=loss, logits=None, **extra)
 
 
-def patch_masked_lm(model, spec, backend: str) -> None:
-    """Bind the sparse forward on a ``*ForMaskedLM`` instance.
+def patch_masked_lm(model) -> None:
+    """Bind the sparse forward on a ``*ForMaskedLM`` instance (its family's
+    :class:`~fastlm.patching.architectures.MaskedLMHead` is looked up per call)."""
+    binding.bind(model, "forward", _masked_lm_forward)
 
-    ``spec``: the family's :class:`~fastlm.patching.architectures.MaskedLMHead`.
-    """
+
+def _masked_lm_forward(self, *args, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
 
-    def make(original):
-        signature = inspect.signature(original)
+    from fastlm.patching.architectures import family_of
 
-        def forward(self, *args, **kwargs):
-            named = binding.split_call(signature, args, kwargs)
-            labels = named.pop("labels", None)
-            if labels is None or not self.training:
-                return original(*args, **kwargs)
-            return_dict = named.pop("return_dict", None)
-            if return_dict is None:
-                return_dict = getattr(self.config, "return_dict", True)
-            num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
-            body = getattr(self, spec.body)(**named, return_dict=True)
-            hidden, targets = labelled_rows(body[0], labels)
-            loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend, num_items)
-            out = output_like(MaskedLMOutput, loss, body)
-            return out if return_dict else out.to_tuple()
-        return forward
-
-    binding.bind(model, "forward", make)
+    original = binding.original(self, "forward")
+    named = binding.split_call(binding.signature(original), args, kwargs)
+    labels = named.pop("labels", None)
+    if labels is None or not self.training:
+        return original(*args, **kwargs)
+    spec = family_of(self).masked_lm
+    return_dict = named.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
+    body = getattr(self, spec.body)(**named, return_dict=True)
+    hidden, targets = labelled_rows(body[0], labels)
+    loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend_of(self), num_items)
+    out = output_like(MaskedLMOutput, loss, body)
+    return out if return_dict else out.to_tuple()

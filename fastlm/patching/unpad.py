@@ -47,8 +47,6 @@ positions.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -99,79 +97,90 @@ def _wants_layers(config, kwargs) -> bool:
     return any(kwargs.get(flag, getattr(config, flag, False)) for flag in ("output_hidden_states", "output_attentions"))
 
 
-def patch_encoder(base_model, encoder) -> None:
-    """Bind the unpadding forward on ``encoder`` and the per-call gate on ``base_model``."""
-    config = base_model.config
+def _serves_packed(config) -> bool:
+    """Packed tokens need an attention that reads ``cu_seq_lens_*``: fastlm's.  After
+    ``set_attn_implementation("sdpa" | "eager")`` on a patched model the layers would
+    attend across the packed sequences, so the model runs padded (as transformers has it)."""
+    from fastlm.patching.attention import NAME
+
+    return config._attn_implementation == NAME
+
+
+def patch_encoder(base_model, encoder_name: str) -> None:
+    """Bind the unpadding forward on ``base_model.<encoder_name>`` and the per-call gate on ``base_model``."""
+    encoder = getattr(base_model, encoder_name)
     binding.set_attr(encoder, "_fastlm_unpad_enabled", True)
-
-    def make_encoder_forward(original):
-        def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-            if not _can_unpad(self, config, hidden_states, attention_mask, args, kwargs):
-                return original(hidden_states, attention_mask, *args, **kwargs)
-            packing = Packing(attention_mask)
-            if not packing.first_real:  # left padding: see the module docstring
-                return original(hidden_states, attention_mask, *args, **kwargs)
-            out = original(packing.unpad(hidden_states), None, *args, **kwargs, **packing.attention_kwargs())
-            if isinstance(out, tuple):
-                return (packing.repad(out[0]), *out[1:])
-            out.last_hidden_state = packing.repad(out.last_hidden_state)
-            return out
-        return forward
-
-    def make_base_forward(original):
-        def forward(self, *args, **kwargs):
-            if not _wants_layers(config, kwargs):
-                return original(*args, **kwargs)
-            encoder._fastlm_unpad_enabled = False  # per-layer outputs are wanted in padded layout
-            try:
-                return original(*args, **kwargs)
-            finally:
-                encoder._fastlm_unpad_enabled = True
-        return forward
-
-    binding.bind(encoder, "forward", make_encoder_forward)
-    binding.bind(base_model, "forward", make_base_forward)
+    binding.set_attr(encoder, "_fastlm_config", base_model.config)  # (DistilBERT's stack has no .config)
+    binding.set_attr(base_model, "_fastlm_encoder", encoder_name)
+    binding.bind(encoder, "forward", _encoder_forward)
+    binding.bind(base_model, "forward", _encoder_base_forward)
 
 
-def _can_unpad(encoder, config, hidden_states, attention_mask, args, kwargs) -> bool:
+def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    original = binding.original(self, "forward")
+    if not _can_unpad(self, hidden_states, attention_mask, args, kwargs):
+        return original(hidden_states, attention_mask, *args, **kwargs)
+    packing = Packing(attention_mask)
+    if not packing.first_real:  # left padding: see the module docstring
+        return original(hidden_states, attention_mask, *args, **kwargs)
+    out = original(packing.unpad(hidden_states), None, *args, **kwargs, **packing.attention_kwargs())
+    if isinstance(out, tuple):
+        return (packing.repad(out[0]), *out[1:])
+    out.last_hidden_state = packing.repad(out.last_hidden_state)
+    return out
+
+
+def _encoder_base_forward(self, *args, **kwargs):
+    original = binding.original(self, "forward")
+    if not _wants_layers(self.config, kwargs):
+        return original(*args, **kwargs)
+    encoder = getattr(self, self._fastlm_encoder)
+    encoder._fastlm_unpad_enabled = False  # per-layer outputs are wanted in padded layout
+    try:
+        return original(*args, **kwargs)
+    finally:
+        encoder._fastlm_unpad_enabled = True
+
+
+def _can_unpad(encoder, hidden_states, attention_mask, args, kwargs) -> bool:
+    config = encoder._fastlm_config
     return (encoder._fastlm_unpad_enabled
             and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
             and attention_mask.shape == hidden_states.shape[:2]
             and not getattr(config, "is_decoder", False)
+            and _serves_packed(config)
             and all(a is None for a in args)
             and all(kwargs.get(name) is None for name in _BLOCKING_KWARGS))
 
 
 def patch_packed_body(base_model) -> None:
     """Bind the packing forward on a base model that takes packed batches (see module docstring)."""
-    config = base_model.config
+    binding.bind(base_model, "forward", _packed_body_forward)
 
-    def make(original):
-        signature = inspect.signature(original)
 
-        def forward(self, *args, **kwargs):
-            named = binding.split_call(signature, args, kwargs)
-            mask = named.pop("attention_mask", None)
-            ids, embeds = named.pop("input_ids", None), named.pop("inputs_embeds", None)
-            tokens = ids if ids is not None else embeds
-            if (_wants_layers(config, named) or not isinstance(mask, torch.Tensor) or mask.dim() != 2
-                    or tokens is None or mask.shape != tokens.shape[:2] or named.get("cu_seq_lens_q") is not None):
-                return original(*args, **kwargs)
-            packing = Packing(mask)
-            if not (packing.contiguous and packing.first_real):  # window distances / position 0: run padded
-                return original(*args, **kwargs)
-            positions = named.pop("position_ids", None)
-            if positions is None:  # the model's own default: arange over the padded row
-                positions = torch.arange(mask.shape[1], device=mask.device)[None]
-            no_masks = {kind: None for kind in set(config.layer_types)}  # transformers uses a mapping as given
-            out = original(input_ids=None if ids is None else packing.unpad(ids),
-                           inputs_embeds=None if embeds is None else packing.unpad(embeds),
-                           position_ids=packing.unpad(positions.expand(mask.shape)), attention_mask=no_masks,
-                           **named, **packing.attention_kwargs())
-            if isinstance(out, tuple):
-                return (packing.repad(out[0]), *out[1:])
-            out.last_hidden_state = packing.repad(out.last_hidden_state)
-            return out
-        return forward
-
-    binding.bind(base_model, "forward", make)
+def _packed_body_forward(self, *args, **kwargs):
+    config = self.config
+    original = binding.original(self, "forward")
+    named = binding.split_call(binding.signature(original), args, kwargs)
+    mask = named.pop("attention_mask", None)
+    ids, embeds = named.pop("input_ids", None), named.pop("inputs_embeds", None)
+    tokens = ids if ids is not None else embeds
+    if (_wants_layers(config, named) or not _serves_packed(config) or not isinstance(mask, torch.Tensor)
+            or mask.dim() != 2 or tokens is None or mask.shape != tokens.shape[:2]
+            or named.get("cu_seq_lens_q") is not None):
+        return original(*args, **kwargs)
+    packing = Packing(mask)
+    if not (packing.contiguous and packing.first_real):  # window distances / position 0: run padded
+        return original(*args, **kwargs)
+    positions = named.pop("position_ids", None)
+    if positions is None:  # the model's own default: arange over the padded row
+        positions = torch.arange(mask.shape[1], device=mask.device)[None]
+    no_masks = {kind: None for kind in set(config.layer_types)}  # transformers uses a mapping as given
+    out = original(input_ids=None if ids is None else packing.unpad(ids),
+                   inputs_embeds=None if embeds is None else packing.unpad(embeds),
+                   position_ids=packing.unpad(positions.expand(mask.shape)), attention_mask=no_masks,
+                   **named, **packing.attention_kwargs())
+    if isinstance(out, tuple):
+        return (packing.repad(out[0]), *out[1:])
+    out.last_hidden_state = packing.repad(out.last_hidden_state)
+    return out
