@@ -175,17 +175,21 @@ def test_set_attn_implementation_after_patch(family, impl):
     implementation gives exactly that implementation (packed tokens must never reach an
     attention that ignores ``cu_seq_lens``), in eval and in training, and the config says
     which implementation runs; switching back to ``"fastlm"`` serves the fused path again."""
-    ref, new = patched_twins(build(family))
+    ref = build(family)
+    new = copy.deepcopy(ref)
+    report = quiet(fastlm.patch, new)
+    patched = list(report.patched)
     ref.set_attn_implementation(impl)
     quiet(new.set_attn_implementation, impl)
     assert new.config._attn_implementation == impl
+    assert "attention" not in report.patched, f"the report still says fastlm serves attention:\n{report}"
     ids, mask = padded_batch(LENGTHS)
     assert_same_rows(main_output(_eval(new, input_ids=ids, attention_mask=mask)),
                      main_output(_eval(ref, input_ids=ids, attention_mask=mask)), mask, f"after switching to {impl}")
     # (whether the fused head stays on with another attention is fastlm's choice: not judged)
     _assert_train_alike(ref, new, family, ids, mask, fused_head=False)
     quiet(new.set_attn_implementation, "fastlm")
-    assert new.config._attn_implementation == "fastlm"
+    assert new.config._attn_implementation == "fastlm" and report.patched == patched, str(report)
     assert_same_rows(main_output(_eval(new, input_ids=ids, attention_mask=mask)),
                      main_output(_eval(ref, input_ids=ids, attention_mask=mask)), mask, "back to fastlm")
 
