@@ -340,3 +340,43 @@ def test_set_attn_implementation_after_patch_hands_attention_and_unpadding_back(
     assert c[~valid].abs().max() == 0  # unpadded again: zeros at padded positions (documented)
     fastlm.unpatch(new)
     assert new.config._attn_implementation == "sdpa"
+
+
+def _decoder_or_encoder(model_type):
+    return decoder(model_type) if model_type in ("llama", "mistral-window", "gpt2") else encoder(model_type)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "modernbert", "llama", "mistral-window", "gpt2"])
+def test_torch_export_of_a_patched_model(model_type):
+    """torch.export of the whole patched model: no data-dependent step is traced (unpadding
+    runs padded under tracing; the mask builder skips its host reads); same outputs."""
+    ref, new = twins(_decoder_or_encoder(model_type).eval())
+    fastlm.patch(new)
+    is_decoder = model_type in ("llama", "mistral-window", "gpt2")
+    ids, mask = padded_batch([7, 4, 7], left=is_decoder)
+    kw = dict(input_ids=ids, attention_mask=mask, **(dict(use_cache=False) if is_decoder else {}))
+    program = torch.export.export(new, (), kw)
+    with torch.no_grad():
+        got, want = program.module()(**kw), ref(**kw)
+    key = "logits"
+    valid = mask.bool()
+    assert_close_rel(got[key][valid], want[key][valid], REL, "exported patched model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["bert", "modernbert", "mistral-window"])
+def test_torch_compile_fullgraph_training_step(model_type):
+    """torch.compile(fullgraph=True) of the whole patched model, training with labels
+    (sparse head, window check and mask builder all traceable): same loss and gradients."""
+    ref, new = twins(_decoder_or_encoder(model_type).train())
+    fastlm.patch(new)
+    ids, mask = padded_batch([7, 4, 7])
+    labels = ids.masked_fill(mask == 0, -100) if model_type == "mistral-window" else mlm_labels(ids, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(new, fullgraph=True)
+    a, b = ref(input_ids=ids, attention_mask=mask, labels=labels), compiled(input_ids=ids, attention_mask=mask,
+                                                                            labels=labels)
+    a.loss.backward()
+    b.loss.backward()
+    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "compiled loss")
+    assert_same_grads(ref, new, REL)

@@ -34,8 +34,8 @@ from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchRe
 
 __all__ = ["patch", "unpatch", "PatchReport"]
 
-_ATTN_ORIGINAL = "_fastlm_attn_implementation"
 _REPORT = "_fastlm_report"
+_PADDED_WHEN_TRACED = "padded under torch.compile / torch.export tracing"
 
 
 def _target(model):
@@ -101,7 +101,7 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
 
 
 def _patch_attention(target, backend, report) -> None:
-    from fastlm.patching.attention import NAME, ensure_registered
+    from fastlm.patching.attention import NAME, ORIGINAL, ensure_registered
 
     ensure_registered()
     original = target.config._attn_implementation
@@ -109,10 +109,10 @@ def _patch_attention(target, backend, report) -> None:
     if target.config._attn_implementation != NAME:
         report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
         return
-    binding.set_attr(target, _ATTN_ORIGINAL, original)
     binding.bind(target, "set_attn_implementation", _set_attn_implementation)
-    if backend != "auto":
-        for module in target.modules():
+    for module in target.modules():  # the attention function reads them from the layer it serves
+        binding.set_attr(module, ORIGINAL, original)
+        if backend != "auto":
             binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
 
@@ -148,14 +148,15 @@ def _patch_unpad(target, family, unpad, attention, report) -> None:
     elif family.packed_body:
         patch_packed_body(target.base_model)
         report.add("unpad", PATCHED, f"{type(target.base_model).__name__} runs on packed tokens "
-                                     "(padding removed once, positions kept)")
+                                     f"(padding removed once, positions kept; {_PADDED_WHEN_TRACED})")
     else:
         encoder = getattr(target.base_model, family.encoder, None)
         if encoder is None:
             report.add("unpad", UNSUPPORTED, f"no encoder at base_model.{family.encoder}")
             return
         patch_encoder(target.base_model, family.encoder)
-        report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once)")
+        report.add("unpad", PATCHED, f"{type(encoder).__name__} runs on packed tokens (padding removed once; "
+                                     f"{_PADDED_WHEN_TRACED})")
 
 
 def _patch_head(target, family, cross_entropy, report) -> None:
@@ -185,10 +186,10 @@ def unpatch(model) -> None:
 
     The attention implementation goes back to the one before :func:`patch`, unless it was
     changed since (``set_attn_implementation`` on the patched model): that choice stays."""
-    from fastlm.patching.attention import NAME
+    from fastlm.patching.attention import NAME, ORIGINAL
 
     target = _target(model)
-    original = target.__dict__.get(_ATTN_ORIGINAL)
+    original = target.__dict__.get(ORIGINAL)
     for module in target.modules():
         binding.restore(module)
     if original is not None and target.config._attn_implementation == NAME:

@@ -40,7 +40,8 @@ ABSENT = _Absent()
 class Method:
     """``module.<name>`` after :func:`bind`: calling it calls ``function(module, *args, **kwargs)``.
 
-    ``__func__`` / ``__self__`` as on a bound method (accelerate re-binds ``forward.__func__``);
+    ``__func__`` / ``__self__`` / ``__code__`` / ``__name__`` as on a bound method (accelerate
+    re-binds ``forward.__func__``; ``torch.export`` reads ``forward.__code__``);
     ``inspect.signature`` gives the replaced method's signature, so callers that inspect it
     (``Trainer`` drops dataset columns the forward does not name; ``generate`` looks for
     ``logits_to_keep``) see the same one.
@@ -51,6 +52,14 @@ class Method:
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __code__(self):  # torch.export names its shape environment after forward's code object
+        return self.__func__.__code__
+
+    @property
+    def __name__(self) -> str:
+        return self.name
 
     @property
     def __signature__(self) -> inspect.Signature:

@@ -26,6 +26,7 @@ import torch
 
 from fastlm.patching import binding
 from fastlm.patching.attention import backend_of
+from fastlm.patching.masks import tracing
 
 IGNORE_INDEX = -100
 
@@ -33,8 +34,11 @@ IGNORE_INDEX = -100
 def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``hidden (..., H)``, ``labels (...)`` -> the labelled rows ``(N, H)`` and their labels ``(N,)``."""
     labels = labels.reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if tracing():  # N is data: a traced graph keeps every row (the loss op drops ignored ones inside)
+        return hidden, labels
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: N decides every shape after it
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
+    return hidden.index_select(0, rows), labels.index_select(0, rows)
 
 
 def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Tensor, backend: str,

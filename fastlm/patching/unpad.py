@@ -100,10 +100,14 @@ def _wants_layers(config, kwargs) -> bool:
 def _serves_packed(config) -> bool:
     """Packed tokens need an attention that reads ``cu_seq_lens_*``: fastlm's.  After
     ``set_attn_implementation("sdpa" | "eager")`` on a patched model the layers would
-    attend across the packed sequences, so the model runs padded (as transformers has it)."""
+    attend across the packed sequences, so the model runs padded (as transformers has it).
+    Under ``torch.compile`` / ``torch.export`` tracing it runs padded too: the packed
+    length is data (``nonzero``), and a whole-model graph (``fullgraph=True``, export)
+    cannot break there."""
     from fastlm.patching.attention import NAME
+    from fastlm.patching.masks import tracing
 
-    return config._attn_implementation == NAME
+    return config._attn_implementation == NAME and not tracing()
 
 
 def patch_encoder(base_model, encoder_name: str) -> None:
