@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastlm
-from _compat_models import (DECODERS, ENCODERS, FAMILIES, LENGTHS, REL, assert_same_rows, build, left_padded, main_output,
-                            patched_twins, perturb_, quiet)
+from _compat_models import (DECODERS, ENCODERS, FAMILIES, LENGTHS, REL, assert_same_rows, build, left_padded,
+                            main_output, patched_twins, perturb_, quiet)
 from _patch_models import V, assert_close_rel, assert_same_grads, mlm_labels, padded_batch
 
 # ALBERT runs one shared layer 3 times: 3 differently rounded contributions per gradient
