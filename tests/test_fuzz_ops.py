@@ -32,23 +32,36 @@ from fastlm.ops.softmax import softmax
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-def _attention_backend(name):
-    why = target_skip_reason(name, "cpu")
-    if why:
-        pytest.skip(f"{name}: {why}")
-    return name
-
-
 @pytest.fixture(params=["reference", "cpu"])
 def host(request, poison):
     """The backends that run at full size on CPU tensors."""
     return request.param
 
 
-@pytest.fixture
-def interpreted(poison):
-    """Triton under TRITON_INTERPRET=1: tiny sizes only."""
-    return "triton"
+def _require(request, op, name):
+    """Skip (with the reason) when backend ``name`` cannot run ``op`` on CPU tensors here."""
+    if op not in ("attention", "varlen_attention"):
+        return require_backend(request, op, name)
+    why = target_skip_reason(name, "cpu")
+    if why:
+        pytest.skip(f"{name}: {why}")
+    return name
+
+
+def fuzz(op, case, check, host_examples, interpreted_examples):
+    """The two tests of one op: ``case(small=False)`` on the reference and cpu backends,
+    ``case(small=True)`` on Triton under the interpreter; ``check(backend, case)`` asserts."""
+    @examples(host_examples)
+    @given(c=case(small=False))
+    def on_host(request, host, c):
+        check(_require(request, op, host), c)
+
+    @examples(interpreted_examples)
+    @given(c=case(small=True))
+    def interpreted(request, poison, c):
+        check(_require(request, op, "triton"), c)
+
+    return on_host, interpreted
 
 
 def _grads(out, inputs, dout):
@@ -109,26 +122,12 @@ def check_attention(backend, c):
     got_grads, want_grads = _grads(out, (q, k, v), dout), _grads(want, (q, k, v), dout.double())
     for name, got, ref in zip("qkv", got_grads, want_grads):
         assert_close(got, ref, 1e-4, f"d{name}")
-    groups = c["hq"] // c["hk"]
     blind_rows = ~visible.any(-1, keepdim=True).expand(-1, c["hq"], -1, -1)  # queries that see no key
     unseen = ~visible.any(-2).expand(-1, c["hk"], -1)[..., None]              # keys no query sees
     _assert_zero_where(out, blind_rows, "output of a query that sees no key")
     _assert_zero_where(got_grads[0], blind_rows, "dq of a query that sees no key")
-    assert groups >= 1
     for name, g in (("dk", got_grads[1]), ("dv", got_grads[2])):
         _assert_zero_where(g, unseen, f"{name} of a key no query sees")
-
-
-@examples(40)
-@given(c=attention_case(small=False))
-def test_attention(host, c):
-    check_attention(_attention_backend(host), c)
-
-
-@examples(6)
-@given(c=attention_case(small=True))
-def test_attention_triton_interpreted(interpreted, c):
-    check_attention(_attention_backend(interpreted), c)
 
 
 # ------------------------------------------------------------------- varlen_attention
@@ -175,18 +174,6 @@ def check_varlen(backend, c):
     for name, got, ref in zip("qkv", _grads(out, (q, k, v), dout), _grads(want, (q, k, v), dout.double())):
         assert_close(got if got is not None else torch.zeros_like(ref), ref if ref is not None else 0 * got,
                      1e-4, f"d{name}")
-
-
-@examples(40)
-@given(c=varlen_case(small=False))
-def test_varlen_attention(host, c):
-    check_varlen(_attention_backend(host), c)
-
-
-@examples(6)
-@given(c=varlen_case(small=True))
-def test_varlen_attention_triton_interpreted(interpreted, c):
-    check_varlen(_attention_backend(interpreted), c)
 
 
 # --------------------------------------------------------------------------- softmax
@@ -249,18 +236,6 @@ def check_softmax(backend, c):
     assert not got[0][y64.detach() == 0].any(), "dx: nonzero where the probability is exactly 0"
 
 
-@examples(60)
-@given(c=softmax_case(small=False))
-def test_softmax(request, host, c):
-    check_softmax(require_backend(request, "softmax", host), c)
-
-
-@examples(10)
-@given(c=softmax_case(small=True))
-def test_softmax_triton_interpreted(request, interpreted, c):
-    check_softmax(require_backend(request, "softmax", interpreted), c)
-
-
 # ------------------------------------------------------- cross_entropy, linear_cross_entropy
 def _labels(shape, v, ignored, gen):
     y = torch.randint(0, v, shape, generator=gen)
@@ -313,18 +288,6 @@ def check_cross_entropy(backend, c):
     assert not got_grad[labels == IGNORE].any(), "ignored rows must get exactly zero gradient"
 
 
-@examples(60)
-@given(c=ce_case(small=False))
-def test_cross_entropy(request, host, c):
-    check_cross_entropy(require_backend(request, "cross_entropy", host), c)
-
-
-@examples(10)
-@given(c=ce_case(small=True))
-def test_cross_entropy_triton_interpreted(request, interpreted, c):
-    check_cross_entropy(require_backend(request, "cross_entropy", interpreted), c)
-
-
 @st.composite
 def lce_case(draw, small):
     n = draw(st.integers(1, 6 if small else 40))
@@ -357,13 +320,11 @@ def check_linear_cross_entropy(backend, c):
         assert not got[0][labels == IGNORE].any(), "ignored rows must get exactly zero gradient"
 
 
-@examples(40)
-@given(c=lce_case(small=False))
-def test_linear_cross_entropy(request, host, c):
-    check_linear_cross_entropy(require_backend(request, "linear_cross_entropy", host), c)
-
-
-@examples(8)
-@given(c=lce_case(small=True))
-def test_linear_cross_entropy_triton_interpreted(request, interpreted, c):
-    check_linear_cross_entropy(require_backend(request, "linear_cross_entropy", interpreted), c)
+test_attention, test_attention_triton_interpreted = fuzz("attention", attention_case, check_attention, 40, 6)
+test_varlen_attention, test_varlen_attention_triton_interpreted = fuzz(
+    "varlen_attention", varlen_case, check_varlen, 40, 6)
+test_softmax, test_softmax_triton_interpreted = fuzz("softmax", softmax_case, check_softmax, 60, 10)
+test_cross_entropy, test_cross_entropy_triton_interpreted = fuzz(
+    "cross_entropy", ce_case, check_cross_entropy, 60, 10)
+test_linear_cross_entropy, test_linear_cross_entropy_triton_interpreted = fuzz(
+    "linear_cross_entropy", lce_case, check_linear_cross_entropy, 40, 8)
