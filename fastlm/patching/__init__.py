@@ -7,29 +7,34 @@ Mechanisms (each its own module), chosen per family by the table in
 :mod:`fastlm.patching.architectures`:
 
 * :mod:`~fastlm.patching.attention`: the ``"fastlm"`` implementation registered in
-  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (2D padding masks,
-  packed batches, causal with left padding, dropout, grouped-query), switched on with the
-  model's own ``set_attn_implementation``;
+  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (its mask builder:
+  :mod:`~fastlm.patching.masks`; 2D padding masks, packed batches, causal with left padding,
+  dropout, grouped-query), switched on with the model's own ``set_attn_implementation``;
 * :mod:`~fastlm.patching.unpad`: BERT-family encoders (ModernBERT included, sliding-window
   layers too) run on packed real tokens, padding removed once before the layers and
   restored once at the end (zeros at padded positions);
 * :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
   labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
 * :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
-  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``.
+  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``;
+* :mod:`~fastlm.patching.tiers`: never slower: per device/dtype, a feature whose best fastlm
+  backend is the reference goes back to transformers' own path.
 
-Everything is bound on the model INSTANCE (``types.MethodType``; originals kept on the
-instance): transformers' classes and module globals are untouched except for the additive
-``"fastlm"`` registration in its two interfaces, so other models in the process are
-unaffected.  No parameter or buffer is added: ``state_dict``/``save_pretrained`` are those
-of the unpatched model.  transformers is imported at the first ``patch`` call, never by
-``import fastlm``.
+Everything is bound on the model INSTANCE (:mod:`~fastlm.patching.binding`; originals kept
+on the instance, so copies and pickles of a patched model stay patched and independent):
+transformers' classes and module globals are untouched except for the additive ``"fastlm"``
+registration in its two interfaces, so other models in the process are unaffected (the
+config object, which transformers shares with models built from it, says ``"fastlm"``, as
+``set_attn_implementation`` would make it).  No parameter or buffer is added:
+``state_dict``/``save_pretrained`` are those of the unpatched model.  transformers is
+imported at the first ``patch`` call, never by ``import fastlm``.
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 
-from fastlm.patching import architectures, binding
+from fastlm.patching import architectures, binding, tiers
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
 
 __all__ = ["patch", "unpatch", "PatchReport"]
@@ -92,7 +97,9 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
         report.add("attention", NOT_APPLICABLE, "attention=False")
     _patch_unpad(target, family, unpad, attention, report)
     _patch_head(target, family, cross_entropy, report)
-    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation)
+    binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation, tiers)
+    if backend == "auto" and report.patched:
+        tiers.attach(target)  # per device/dtype: hand back what only the reference backend could serve
 
     unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
     if unsupported:
@@ -104,17 +111,37 @@ def _patch_attention(target, backend, report) -> None:
     from fastlm.patching.attention import NAME, ORIGINAL, ensure_registered
 
     ensure_registered()
-    original = target.config._attn_implementation
+    original = _implementation_before_fastlm(target)
     target.set_attn_implementation(NAME)
     if target.config._attn_implementation != NAME:
         report.add("attention", UNSUPPORTED, f"{type(target).__name__} cannot switch its attention implementation")
         return
+    key = id(target.config)
+    _BEFORE[key] = (weakref.ref(target.config, lambda _, key=key: _BEFORE.pop(key, None)), original)
     binding.bind(target, "set_attn_implementation", _set_attn_implementation)
     for module in target.modules():  # the attention function reads them from the layer it serves
         binding.set_attr(module, ORIGINAL, original)
         if backend != "auto":
             binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
+
+
+# id(config) -> (weak reference to it, its attention implementation before fastlm.patch switched it).
+# transformers models share the config object they are built from, and set_attn_implementation
+# switches that object: a second model built from it says "fastlm" from birth.
+_BEFORE: dict = {}
+
+
+def _implementation_before_fastlm(target) -> str:
+    """The model's attention implementation, or for a model built from the (shared) config of a
+    patched one, the implementation that config had before (else transformers' default)."""
+    from fastlm.patching.attention import NAME
+
+    current = target.config._attn_implementation
+    if current != NAME:
+        return current
+    ref, before = _BEFORE.get(id(target.config), (None, None))
+    return before if ref is not None and ref() is target.config else target.get_correct_attn_implementation(None)
 
 
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
@@ -127,6 +154,7 @@ def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
 
     binding.original(self, "set_attn_implementation")(attn_implementation, *args, **kwargs)
     current = self.config._attn_implementation
+    tiers.user_chose(self, current)
     report = self.__dict__.get(_REPORT)
     if report is None:
         return
@@ -190,6 +218,7 @@ def unpatch(model) -> None:
 
     target = _target(model)
     original = target.__dict__.get(ORIGINAL)
+    tiers.detach(target)
     for module in target.modules():
         binding.restore(module)
     if original is not None and target.config._attn_implementation == NAME:

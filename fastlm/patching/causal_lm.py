@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fastlm.patching import binding
 from fastlm.patching.attention import backend_of
-from fastlm.patching.mlm_head import IGNORE_INDEX, labelled_rows, linear_loss, output_like
+from fastlm.patching.mlm_head import IGNORE_INDEX, head_output, labelled_rows, linear_loss, split_head_call
+from fastlm.patching.tiers import HEAD_OFF
 
 
 def patch_causal_lm(model) -> None:
@@ -28,16 +29,12 @@ def _causal_lm_forward(self, *args, **kwargs):
 
     from fastlm.patching.architectures import family_of
 
-    original = binding.original(self, "forward")
-    named = binding.split_call(binding.signature(original), args, kwargs)
-    labels = named.pop("labels", None)
+    original, named, labels, return_dict = split_head_call(self, args, kwargs)
     logits_to_keep = named.pop("logits_to_keep", 0)
-    if labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0):
+    if (labels is None or not self.training or not (logits_to_keep is None or logits_to_keep == 0)
+            or self.__dict__.get(HEAD_OFF, False)):  # (HEAD_OFF: see fastlm.patching.tiers)
         return original(*args, **kwargs)
     spec = family_of(self).causal_lm
-    return_dict = named.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     shift_labels = named.pop("shift_labels", None)
     num_items = named.pop("num_items_in_batch", None)
     body = getattr(self, spec.body)(**named, return_dict=True)
@@ -45,5 +42,4 @@ def _causal_lm_forward(self, *args, **kwargs):
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     hidden, targets = labelled_rows(body[0], shift_labels)
     loss = linear_loss(hidden, spec.head(self), targets, backend_of(self), num_items)
-    out = output_like(CausalLMOutputWithPast, loss, body)
-    return out if return_dict else out.to_tuple()
+    return head_output(CausalLMOutputWithPast, loss, body, return_dict)

@@ -62,12 +62,26 @@ def linear_loss(hidden: torch.Tensor, decoder: torch.nn.Linear, labels: torch.Te
     return loss
 
 
-def output_like(output_cls, loss, base_outputs):
-    """``output_cls(loss=loss, logits=None, <every other field the body returned that it has>)``."""
+def split_head_call(model, args, kwargs):
+    """A head forward's call: ``(original forward, named arguments, labels, return_dict)``, the
+    named arguments without ``labels`` / ``return_dict`` (the body is called with them)."""
+    original = binding.original(model, "forward")
+    named = binding.split_call(binding.signature(original), args, kwargs)
+    labels = named.pop("labels", None)
+    return_dict = named.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return original, named, labels, return_dict
+
+
+def head_output(output_cls, loss, base_outputs, return_dict: bool):
+    """``output_cls(loss=loss, logits=None, <every other field the body returned that it has>)``,
+    as a tuple when ``return_dict`` is False."""
     fields = getattr(output_cls, "__dataclass_fields__", {})
     extra = {k: v for k, v in base_outputs.items()
              if k in fields and k not in ("loss", "logits", "last_hidden_state")}
-    return output_cls(loss=loss, logits=None, **extra)
+    out = output_cls(loss=loss, logits=None, **extra)
+    return out if return_dict else out.to_tuple()
 
 
 def patch_masked_lm(model) -> None:
@@ -81,18 +95,12 @@ def _masked_lm_forward(self, *args, **kwargs):
 
     from fastlm.patching.architectures import family_of
 
-    original = binding.original(self, "forward")
-    named = binding.split_call(binding.signature(original), args, kwargs)
-    labels = named.pop("labels", None)
+    original, named, labels, return_dict = split_head_call(self, args, kwargs)
     if labels is None or not self.training:
         return original(*args, **kwargs)
     spec = family_of(self).masked_lm
-    return_dict = named.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     num_items = named.pop("num_items_in_batch", None) if spec.num_items else None
     body = getattr(self, spec.body)(**named, return_dict=True)
     hidden, targets = labelled_rows(body[0], labels)
     loss = linear_loss(spec.transform(self, hidden), spec.decoder(self), targets, backend_of(self), num_items)
-    out = output_like(MaskedLMOutput, loss, body)
-    return out if return_dict else out.to_tuple()
+    return head_output(MaskedLMOutput, loss, body, return_dict)

@@ -1,0 +1,173 @@
+"""A patch that never makes a model slower: per device and dtype, who serves each fastlm op.
+
+``fastlm.patch(model)`` (``backend="auto"``) cannot know where the model will run: models
+are moved (``.to("cuda")``, ``.bfloat16()``) after patching.  So at the first forward on
+each ``(device type, dtype)`` (the autocast dtype when autocast is on) a forward pre-hook
+asks the registry which backend ``auto`` would pick for the model's attention and loss
+(:func:`fastlm.registry.select`).  When that is the ``reference`` backend (pure PyTorch,
+the ground truth: slower than transformers' own kernels, e.g. on a GPU while fastlm's GPU
+kernels are unverified), the feature goes back to transformers' own path for that
+device and dtype:
+
+* attention: the implementation the model had before :func:`fastlm.patch` is set again
+  (``set_attn_implementation``), which also turns the unpadding off (packed tokens need
+  fastlm's attention: :mod:`fastlm.patching.unpad` checks the live implementation);
+* the causal-LM head: transformers' forward (logits + its loss) instead of the fused
+  linear cross-entropy;
+* the sparse masked-LM head stays: running the head on the ~15% labelled rows wins with
+  any backend.
+
+One warning per model and device/dtype says what went back; the model's report
+(``print(report)``) gets a line per device/dtype naming who serves each op.  Running on a
+device/dtype where fastlm's kernels are the fastest again resumes them.  The decision is
+cached per ``(device type, dtype)``: later forwards cost a dictionary lookup, no host
+synchronisation.  Under ``torch.compile`` / ``torch.export`` tracing no new decision is
+made (the last one stays).  ``set_attn_implementation`` by the user wins over this rule,
+and an explicit ``backend=`` keeps fastlm's kernels everywhere (no hook).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from fastlm.patching import binding
+from fastlm.patching.masks import tracing
+
+HOOK = "_fastlm_tiers_hook"          # id of the forward pre-hook
+DECISIONS = "_fastlm_tiers"          # {(device type, dtype): {op: backend}}
+ACTIVE = "_fastlm_tier_active"       # the (device type, dtype) whose decision is applied
+USER_CHOICE = "_fastlm_user_attn"    # set_attn_implementation(...) by the user after patch
+HEAD_OFF = "_fastlm_head_off"        # the causal-LM head runs transformers' forward
+TRANSFORMERS = "transformers"
+
+
+def attach(model) -> None:
+    """Register the per-device decision on a patched ``model`` (backend ``"auto"``)."""
+    handle = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    binding.set_attr(model, HOOK, handle.id)
+    for name, value in ((DECISIONS, {}), (ACTIVE, None), (USER_CHOICE, None), (HEAD_OFF, False)):
+        binding.set_attr(model, name, value)  # (plain values: copied with the model, removed by unpatch)
+
+
+def detach(model) -> None:
+    """Remove the hook (:func:`fastlm.unpatch`); the attributes go with ``binding.restore``."""
+    hook = model.__dict__.get(HOOK)
+    if hook is not None:
+        model._forward_pre_hooks.pop(hook, None)
+        model._forward_pre_hooks_with_kwargs.pop(hook, None)
+
+
+def user_chose(model, implementation: str) -> None:
+    """``set_attn_implementation`` called on the patched model: the user's choice wins; choosing
+    ``"fastlm"`` again hands the decision back to this rule (re-applied at the next forward)."""
+    from fastlm.patching.attention import NAME
+
+    if HOOK in model.__dict__:
+        model.__dict__[USER_CHOICE] = None if implementation == NAME else implementation
+        model.__dict__[ACTIVE] = None
+
+
+def _where(model) -> tuple[str, torch.dtype]:
+    param = next(model.parameters())
+    device = param.device.type
+    if torch.is_autocast_enabled(device):
+        return device, torch.get_autocast_dtype(device)
+    return device, param.dtype
+
+
+def _before_forward(model, args, kwargs):
+    where = _where(model)
+    if model.__dict__.get(ACTIVE) == where or tracing():
+        return None
+    decisions = model.__dict__[DECISIONS]
+    fresh = where not in decisions
+    if fresh:
+        decisions[where] = _decide(model, *where)
+    _apply(model, where, decisions[where], warn=fresh)
+    return None
+
+
+# ------------------------------------------------------------------------- decisions
+def _auto(op: str, device: str, dtype: torch.dtype, **facts) -> str:
+    """The backend ``auto`` picks for ``op`` on such a problem (``"none"`` if no backend can)."""
+    from fastlm import registry
+
+    try:
+        return registry.select(op, registry.Problem.of(device, dtype, **facts), "auto").backend
+    except registry.BackendError:
+        return "none"
+
+
+def _attention_facts(model) -> dict:
+    """What the attention's backend choice depends on (the op's problem facts), from the config."""
+    from fastlm.patching.architectures import family_of
+
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    causal = family_of(model).causal_lm is not None or getattr(config, "is_decoder", False)
+    window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    unpadded = isinstance(model.base_model.__dict__.get("forward"), binding.Method)
+    return dict(head_dim=head_dim, causal=2 if causal else 0, window=bool(window), dropout=False,
+                packed=unpadded, gqa=kv_heads != heads)
+
+
+def _decide(model, device: str, dtype: torch.dtype) -> dict:
+    from fastlm.patching.attention import ORIGINAL
+    from fastlm.patching.architectures import family_of, task_of
+
+    ops = {}
+    if ORIGINAL in model.__dict__:
+        ops["attention"] = _auto("attention", device, dtype, **_attention_facts(model))
+    task = task_of(model)
+    if model.__dict__.get("forward") is not None and task in ("causal_lm", "masked_lm"):
+        family = family_of(model)
+        spec = family.causal_lm if task == "causal_lm" else family.masked_lm
+        head = spec.head(model) if task == "causal_lm" else spec.decoder(model)
+        ops["linear_cross_entropy"] = _auto("linear_cross_entropy", device, dtype, vocab=head.weight.shape[0],
+                                            hidden=head.weight.shape[1])
+    return ops
+
+
+def _apply(model, where, ops: dict, warn: bool) -> None:
+    """Serve ``ops`` as decided for ``where``: hand features whose best fastlm backend is the
+    reference back to transformers (or resume fastlm's), update the report, warn (``warn``)."""
+    from fastlm.patching.architectures import task_of
+    from fastlm.patching.attention import NAME, ORIGINAL
+
+    report = model.__dict__.get("_fastlm_report")
+    label = f"{where[0]}/{str(where[1]).replace('torch.', '')}"
+    served, handed_back = {}, []
+    if "attention" in ops and model.__dict__.get(USER_CHOICE) is None:
+        original = model.__dict__[ORIGINAL]
+        slow = ops["attention"] in ("reference", "none")
+        wanted = original if slow else NAME
+        if model.config._attn_implementation != wanted:
+            binding.original(model, "set_attn_implementation")(wanted)
+        why = (f"on {label} fastlm's fastest attention is the {ops['attention']} backend: transformers' "
+               f"{original!r} serves it") if slow else None
+        if report is not None:
+            report.hand_back("attention", why)
+            report.hand_back("unpad", why and f"off on {label} (with transformers' attention)")
+        served["attention"] = f"{TRANSFORMERS} {original!r}" if slow else ops["attention"]
+        if slow:
+            handed_back.append(f"attention (transformers' {original!r}; unpadding off)")
+    if "linear_cross_entropy" in ops:
+        slow = ops["linear_cross_entropy"] in ("reference", "none") and task_of(model) == "causal_lm"
+        model.__dict__[HEAD_OFF] = slow
+        if report is not None:
+            report.hand_back("head", f"on {label} fastlm's fastest linear_cross_entropy is the "
+                                     f"{ops['linear_cross_entropy']} backend: transformers' head and loss"
+                                     if slow else None)
+        served["linear_cross_entropy"] = TRANSFORMERS if slow else ops["linear_cross_entropy"]
+        if slow:
+            handed_back.append("the causal-LM head (transformers' logits + loss)")
+    if report is not None:
+        report.tiers[label] = served
+    model.__dict__[ACTIVE] = where
+    if handed_back and warn:
+        warnings.warn(f"fastlm.patch({type(model).__name__}): on {label} fastlm's fastest backend is the reference "
+                      f"(slower than transformers), so these run as transformers has them there: "
+                      f"{'; '.join(handed_back)}", stacklevel=3)
