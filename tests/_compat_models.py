@@ -19,7 +19,7 @@ from _patch_models import DECODER_CONFIGS, ENCODER_CONFIGS, assert_close_rel, de
 ENCODERS = list(ENCODER_CONFIGS)
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 FAMILIES = ENCODERS + DECODERS
-# The rows of the comparisons below: a few ulps of fp32 through 2-3 layers (tests/test_patch.py).
+# Relative bound of every patched-vs-unpatched comparison: a few fp32 ulps through 2-3 layers (as tests/test_patch.py)
 REL = 1e-5
 # 11 tokens, right padding, a length-1 row and a full row
 LENGTHS = [11, 1, 7, 11, 4]
