@@ -3,8 +3,8 @@ under ``TRITON_INTERPRET=1``).
 
 Same contract as :mod:`fastlm.reference.cross_entropy` (read it for the formulas):
 ``cross_entropy_forward(logits, labels, ignore_index, label_smoothing, z_loss, with_grad)``
-and ``cross_entropy_backward(grad_rows, scale)``; ``linear_cross_entropy_forward/_backward``
-run the shared chunk loop of :mod:`fastlm.reference.linear_cross_entropy` with these kernels.
+and ``cross_entropy_backward(grad_rows, scale)`` (``fastlm.ops.linear_cross_entropy`` calls
+them on each chunk of logits).
 
 One program per row.  Rows of up to ``_ONE_BLOCK_MAX`` classes are loaded once into
 registers: read once, gradient written once.  Longer rows make two sweeps: the first
@@ -143,15 +143,3 @@ def cross_entropy_backward(grad_rows, scale):
     _scale_rows_kernel[(n, triton.cdiv(v, block))](grad_rows, scale, out, grad_rows.stride(0), out.stride(0), v,
                                                    BLOCK=block, num_warps=4)
     return out
-
-
-def linear_cross_entropy_forward(*args):
-    from fastlm.reference.linear_cross_entropy import chunked_forward
-
-    return chunked_forward(cross_entropy_forward, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    from fastlm.reference.linear_cross_entropy import chunked_backward
-
-    return chunked_backward(cross_entropy_forward, cross_entropy_backward, *args)

@@ -6,7 +6,7 @@ GPU (marked ``gpu``): triton and cuda on CUDA tensors.
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 from _cross_entropy_truth import IGNORE, ce64
 
 from fastlm import registry
@@ -175,7 +175,7 @@ def test_low_precision_within_2x_torch(backend, dtype):
 
 def kernel_rows(backend, logits, labels, label_smoothing=0.0, z_loss=0.0):
     """The backend's kernel-level ``cross_entropy_forward``: (fp32 loss rows, gradient rows)."""
-    impl = registry.select("cross_entropy", registry.Problem.of(logits.device, logits.dtype, vocab=logits.shape[1]),
+    impl = registry.select("cross_entropy", registry.Problem.of(logits.device, logits.dtype, length=logits.shape[1]),
                            backend)
     return impl.function("forward")(logits, labels, IGNORE, label_smoothing, z_loss, True)
 
@@ -344,7 +344,7 @@ def test_float64_refused_by_fast_backends():
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [97, 30522, 262144])
 def test_gpu_matches_float64(gpu_backend, dtype, v):
@@ -373,7 +373,7 @@ def test_gpu_matches_float64(gpu_backend, dtype, v):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype,offset", LARGE_LOGITS)
 @pytest.mark.parametrize("v", [97, 30522])
 def test_gpu_large_logits_within_2x_torch(gpu_backend, dtype, offset, v):

@@ -3,7 +3,6 @@ a device/dtype where fastlm's fastest backend for a feature is the reference, th
 as transformers has it.  On CPU the situation is made by taking the C++ backend away (as on a
 GPU today, where fastlm's GPU kernels are unverified), or by float64, which only the reference
 serves."""
-import dataclasses
 import warnings
 
 import pytest
@@ -17,10 +16,12 @@ from _patch_models import assert_close_rel, decoder, encoder, mlm_labels, padded
 
 @pytest.fixture
 def reference_only(monkeypatch):
-    """Every backend but the reference unavailable (triton is never auto on CPU)."""
-    for name in ("cpu", "cuda"):
-        monkeypatch.setitem(registry.BACKENDS, name, dataclasses.replace(
-            registry.BACKENDS[name], _unavailable=lambda: "disabled by the test"))
+    """Every backend but the reference unavailable (triton is never auto on CPU); the
+    registry's decisions start afresh."""
+    probe = registry._probe
+    monkeypatch.setattr(registry, "_probe", lambda name: "disabled by the test" if name in ("cpu", "cuda")
+                        else probe(name))
+    monkeypatch.setattr(registry, "_DECISIONS", {})
 
 
 def _states(report):
@@ -71,25 +72,26 @@ def test_causal_lm_hands_attention_and_head_back(reference_only):
 def test_decided_once_per_device_and_dtype_and_resumed(monkeypatch):
     """No host sync or registry walk per forward: one decision per (device, dtype), cached; a
     dtype only the reference serves (float64) hands back, float32 resumes fastlm's kernels."""
+    from fastlm.patching import tiers
+
     model = decoder("llama").eval()
     report = fastlm.patch(model)
-    calls = []
-    real = registry.select
-    monkeypatch.setattr(registry, "select", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    decided = []
+    real = tiers._decide
+    monkeypatch.setattr(tiers, "_decide", lambda model, *where: decided.append(where) or real(model, *where))
     ids, mask = padded_batch([7, 5])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(3):
             model(input_ids=ids, attention_mask=mask)
-        decided = [c for c in calls if c == "linear_cross_entropy"]
-        assert len(decided) == 1  # (attention's own per-call select is counted under "attention")
+        assert decided == [("cpu", torch.float32)]
         model.double()
         model(input_ids=ids, attention_mask=mask)
         assert model.config._attn_implementation == "sdpa" and "cpu/float64" in report.tiers
         model.float()
         model(input_ids=ids, attention_mask=mask)
         assert model.config._attn_implementation == "fastlm"
-    assert len([c for c in calls if c == "linear_cross_entropy"]) == 2  # float32 was cached
+    assert decided == [("cpu", torch.float32), ("cpu", torch.float64)]  # float32's was cached
 
 
 def test_explicit_backend_and_user_choice_are_kept(reference_only):

@@ -89,45 +89,49 @@ def _before_forward(model, args, kwargs):
 
 
 # ------------------------------------------------------------------------- decisions
-def _auto(op: str, device: str, dtype: torch.dtype, **facts) -> str:
-    """The backend ``auto`` picks for ``op`` on such a problem (``"none"`` if no backend can)."""
+def _auto(op: str, problem) -> str:
+    """The backend ``auto`` picks for ``op`` on ``problem`` (``"none"`` if no backend can)."""
     from fastlm import registry
 
     try:
-        return registry.select(op, registry.Problem.of(device, dtype, **facts), "auto").backend
+        return registry.select(op, problem, "auto").backend
     except registry.BackendError:
         return "none"
 
 
-def _attention_facts(model) -> dict:
-    """What the attention's backend choice depends on (the op's problem facts), from the config."""
+def _attention_problem(model, device: str, dtype: torch.dtype):
+    """The attention op's problem for this model's layers (``fastlm.ops.attention.problem`` on
+    stand-in q/k of the model's head counts and head dim, its longest position)."""
+    from fastlm.ops.attention import problem
     from fastlm.patching.architectures import family_of
 
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    q = torch.empty((1, heads, 1, head_dim), dtype=dtype, device=device)
+    k = torch.empty((1, kv_heads, 1, head_dim), dtype=dtype, device=device)
     causal = family_of(model).causal_lm is not None or getattr(config, "is_decoder", False)
     window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     unpadded = isinstance(model.base_model.__dict__.get("forward"), binding.Method)
-    return dict(head_dim=head_dim, causal=2 if causal else 0, window=bool(window), dropout=False,
-                packed=unpadded, gqa=kv_heads != heads)
+    return problem(q, k, padding=True, packed=unpadded, causal=2 if causal else 0, window=1 if window else 0,
+                   dropout_p=0.0, max_seqlen=getattr(config, "max_position_embeddings", None) or 512)
 
 
 def _decide(model, device: str, dtype: torch.dtype) -> dict:
-    from fastlm.patching.attention import ORIGINAL
+    from fastlm.ops.cross_entropy import problem
     from fastlm.patching.architectures import family_of, task_of
+    from fastlm.patching.attention import ORIGINAL
 
     ops = {}
     if ORIGINAL in model.__dict__:
-        ops["attention"] = _auto("attention", device, dtype, **_attention_facts(model))
+        ops["attention"] = _auto("attention", _attention_problem(model, device, dtype))
     task = task_of(model)
     if model.__dict__.get("forward") is not None and task in ("causal_lm", "masked_lm"):
         family = family_of(model)
-        spec = family.causal_lm if task == "causal_lm" else family.masked_lm
-        head = spec.head(model) if task == "causal_lm" else spec.decoder(model)
-        ops["linear_cross_entropy"] = _auto("linear_cross_entropy", device, dtype, vocab=head.weight.shape[0],
-                                            hidden=head.weight.shape[1])
+        head = family.causal_lm.head(model) if task == "causal_lm" else family.masked_lm.decoder(model)
+        # linear_cross_entropy's chunks run on the cross_entropy backends
+        ops["linear_cross_entropy"] = _auto("cross_entropy", problem(torch.device(device), dtype, head.weight.shape[0]))
     return ops
 
 

@@ -51,6 +51,22 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.patching import binding
+from fastlm.patching.masks import tracing
+
+
+def _layout(mask: torch.Tensor) -> torch.Tensor:
+    """int32 ``(3,)`` facts of a bool ``(B, S)`` padding mask: the longest sequence, how many rows'
+    real tokens are not one run (holes: packing would change their distances), how many rows
+    start with padding (left padding: position 0 is a pad token)."""
+    batch, seqlen = mask.shape
+    if batch == 0 or seqlen == 0:
+        return torch.zeros(3, dtype=torch.int32, device=mask.device)
+    seqlens = mask.sum(dim=1, dtype=torch.int32)
+    pos = torch.arange(seqlen, device=mask.device)
+    span = torch.where(mask, pos, -1).amax(1) - torch.where(mask, pos, seqlen).amin(1) + 1
+    holes = ((span != seqlens) & (seqlens > 0)).sum(dtype=torch.int32)
+    left = (~mask[:, 0]).sum(dtype=torch.int32)
+    return torch.stack([seqlens.max(), holes, left])
 
 
 class Packing:
@@ -64,14 +80,7 @@ class Packing:
         seqlens = mask.sum(dim=1, dtype=torch.int32)
         self.indices = mask.reshape(-1).nonzero().squeeze(1)       # host sync #1 (size of T)
         self.cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
-        # host sync #2, once per forward: the longest sequence, whether every row's real
-        # tokens are one run (left / right padding), i.e. keep their distances when packed,
-        # and whether every row starts with a real token (no left padding)
-        pos = torch.arange(self.seqlen, device=mask.device)
-        span = torch.where(mask, pos, -1).amax(1) - torch.where(mask, pos, self.seqlen).amin(1) + 1
-        holes = ((span != seqlens) & (seqlens > 0)).sum(dtype=torch.int32)
-        left = (~mask[:, 0]).sum(dtype=torch.int32) if self.seqlen else holes
-        facts = torch.stack([seqlens.max(), holes, left]).tolist() if self.batch else (0, 0, 0)
+        facts = _layout(mask).tolist()                              # host sync #2, once per forward
         self.max_seqlen, self.contiguous, self.first_real = facts[0], facts[1] == 0, facts[2] == 0
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,14 +109,27 @@ def _wants_layers(config, kwargs) -> bool:
 def _serves_packed(config) -> bool:
     """Packed tokens need an attention that reads ``cu_seq_lens_*``: fastlm's.  After
     ``set_attn_implementation("sdpa" | "eager")`` on a patched model the layers would
-    attend across the packed sequences, so the model runs padded (as transformers has it).
-    Under ``torch.compile`` / ``torch.export`` tracing it runs padded too: the packed
-    length is data (``nonzero``), and a whole-model graph (``fullgraph=True``, export)
-    cannot break there."""
+    attend across the packed sequences, so the model runs padded (as transformers has it)."""
     from fastlm.patching.attention import NAME
-    from fastlm.patching.masks import tracing
 
-    return config._attn_implementation == NAME and not tracing()
+    return config._attn_implementation == NAME
+
+
+def _traced_as_unpadded(out, mask: torch.Tensor, needs_contiguous: bool):
+    """Under ``torch.compile`` / ``torch.export`` tracing the model runs padded (the packed
+    length is data: ``nonzero``, and a whole-model graph cannot break there); its padded
+    positions are then zeroed exactly where the untraced patched model's would be (a batch
+    it unpads), without a host read, so traced and untraced give the same outputs."""
+    mask = mask.to(torch.bool)
+    facts = _layout(mask)
+    unpads = (facts[2] == 0) & ((facts[1] == 0) if needs_contiguous else True)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = torch.where(unpads & ~mask[..., None], torch.zeros((), dtype=hidden.dtype, device=hidden.device),
+                         hidden)
+    if isinstance(out, tuple):
+        return (hidden, *out[1:])
+    out.last_hidden_state = hidden
+    return out
 
 
 def patch_encoder(base_model, encoder_name: str) -> None:
@@ -124,6 +146,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     original = binding.original(self, "forward")
     if not _can_unpad(self, hidden_states, attention_mask, args, kwargs):
         return original(hidden_states, attention_mask, *args, **kwargs)
+    if tracing():
+        return _traced_as_unpadded(original(hidden_states, attention_mask, *args, **kwargs), attention_mask, False)
     packing = Packing(attention_mask)
     if not packing.first_real:  # left padding: see the module docstring
         return original(hidden_states, attention_mask, *args, **kwargs)
@@ -173,6 +197,8 @@ def _packed_body_forward(self, *args, **kwargs):
             or mask.dim() != 2 or tokens is None or mask.shape != tokens.shape[:2]
             or named.get("cu_seq_lens_q") is not None):
         return original(*args, **kwargs)
+    if tracing():
+        return _traced_as_unpadded(original(*args, **kwargs), mask, True)
     packing = Packing(mask)
     if not (packing.contiguous and packing.first_real):  # window distances / position 0: run padded
         return original(*args, **kwargs)

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastlm.ops._common import acc_dtype
 
 
 def cross_entropy_forward(logits, labels, ignore_index: int, label_smoothing: float, z_loss: float,
                           with_grad: bool):
     n, v = logits.shape
-    x = logits.to(_acc_dtype(logits.dtype))
+    x = logits.to(acc_dtype(logits.dtype))
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < v)
     # NaN marks labelled rows whose label is out of range (0 elsewhere).
@@ -67,5 +65,5 @@ def cross_entropy_forward(logits, labels, ignore_index: int, label_smoothing: fl
 
 
 def cross_entropy_backward(grad_rows, scale):
-    acc = _acc_dtype(grad_rows.dtype)
+    acc = acc_dtype(grad_rows.dtype)
     return (grad_rows.to(acc) * scale.to(acc).unsqueeze(1)).to(grad_rows.dtype)
