@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) of the public ops against the float64 truths of the op
 tests (imported, never rewritten here): ``fastlm.ops.attention`` / ``varlen_attention``
 (random batch, heads, grouped-query, lengths 1 and odd, padding left / right / holes / none,
-every causal mode, windows, scale, layouts), ``softmax`` (shapes, dims, bool / additive
-broadcast masks, -inf rows, dtypes), ``cross_entropy`` and ``linear_cross_entropy`` (ignored
+every causal mode, windows, scale, layouts), ``softmax`` (shapes incl. a dimension of size 0,
+dims, bool / additive broadcast masks, -inf rows, dtypes), ``cross_entropy`` and ``linear_cross_entropy`` (ignored
 labels, all ignored, smoothing, z-loss, reductions, chunking), outputs and gradients, on
 every CPU-testable backend (reference, cpu; triton under the interpreter with tiny sizes).
 
@@ -179,7 +179,7 @@ def check_varlen(backend, c):
 # --------------------------------------------------------------------------- softmax
 @st.composite
 def softmax_case(draw, small):
-    shape = draw(st.lists(st.integers(1, 6 if small else 9), min_size=1, max_size=4))
+    shape = draw(st.lists(st.integers(1, 6 if small else 9) | st.just(0), min_size=1, max_size=4))
     dim = draw(st.integers(-len(shape), len(shape) - 1))
     kind = draw(st.sampled_from([None, "bool", "additive", "learned"]))
     mask_shape = None
@@ -210,6 +210,11 @@ def check_softmax(backend, c):
     if learned:
         mask = mask.masked_fill(mask == -math.inf, -1e4).requires_grad_()  # a learned bias is finite
     y = softmax(x, scale=c["scale"], mask=mask, dim=c["dim"], backend=backend)
+    if x.numel() == 0:  # a dimension of size 0: an empty result and gradient, as PyTorch
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if x.requires_grad:
+            assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+        return
     assert_close_to_truth(y.detach(), x.detach(), c["scale"], None if mask is None else mask.detach(), c["dim"])
     if not x.requires_grad:
         return
