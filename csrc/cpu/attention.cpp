@@ -7,7 +7,9 @@
 //   rescaled by exp(m_old - m_new)), then acc += P V.  lse = m + log(l) is saved.
 // * backward: at::parallel_for over (sequence, kv head); every query head of the
 //   group and every query block recomputes P = exp(S - lse) per tile, then
-//   dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
+//   dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dQ += dS K, dK += dS^T Q, with
+//   delta = rowsum(dO * O) for fp32 and rowsum(P * dP) over a first pass for 16-bit
+//   inputs (see "backward" below for why).
 //   dK/dV of a kv head sum over its query heads in fp32 (grouped-query attention).
 // * key blocks that no query of the block can see are skipped: keys outside the
 //   first..last attended key of the padding mask (left or right padding), key
@@ -20,7 +22,7 @@
 // * low precision (bf16/fp16) K and V are converted to fp32 once per (sequence,
 //   kv head) and thread, Q and dO once per query block; all accumulation is fp32.
 // * dropout multiplies the normalised probabilities by keep / (1 - p); the keep
-//   bit is a hash of (seed, sequence, head, query, key) (csrc/cuda/attention.h),
+//   bit is a hash of (seed, sequence, head, query, key) (csrc/common/dropout.h),
 //   so the backward regenerates the forward's mask.
 // * a query row that sees no key outputs 0, lse = -inf and gets zero gradients.
 //
@@ -39,7 +41,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../cuda/attention.h"
+#include "../common/dropout.h"
 
 #if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -82,6 +84,14 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
                 : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
   Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
   c.addmm_(a, b, beta, alpha);  // beta == 0 ignores c's old contents
+}
+
+// A row-major operand whose rows are `row` elements apart can go to BLAS in place only
+// when that stride is a legal leading dimension: >= the row length (BLAS rejects the
+// smaller strides of expanded or overlapping views, e.g. a sequence stride of 0) and
+// within BLAS's 32-bit integers.  Anything else is copied first.
+bool blas_leading_dim_ok(int64_t row, int64_t cols) {
+  return row >= std::max<int64_t>(cols, 1) && row <= std::numeric_limits<int>::max();
 }
 
 // ------------------------------------------------------------------ elementwise kernels
@@ -257,6 +267,7 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
   const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
   const int64_t qblocks = (g.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t items = g.nseq * g.heads_q * qblocks;
+  const bool in_place = std::is_same_v<T, float> && blas_leading_dim_ok(lk.row, D) && blas_leading_dim_ok(lv.row, D);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(kBlockQ * D), kf, vf, s(kBlockQ * kBlockK), acc(kBlockQ * D);
     int64_t converted = -1;  // the (sequence, kv head) whose K/V kf/vf hold in fp32
@@ -272,9 +283,10 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
       const T* vp = v + n * lv.batch + hk * lv.head + g.k0(n) * lv.row;
       int64_t kmin, kmax;
       g.key_range(n, kmin, kmax);
-      // 16-bit K/V: converted to fp32 once per (sequence, kv head) and thread; the
-      // items of a thread are consecutive query blocks and heads, so they reuse it
-      if (!std::is_same_v<T, float> && converted != n * g.heads_k + hk) {
+      // 16-bit K/V (and fp32 ones BLAS cannot read in place): converted to fp32 once per
+      // (sequence, kv head) and thread; the items of a thread are consecutive query
+      // blocks and heads, so they reuse it
+      if (!in_place && converted != n * g.heads_k + hk) {
         converted = n * g.heads_k + hk;
         kf.resize(g.len_k(n) * D);
         vf.resize(g.len_k(n) * D);
@@ -297,14 +309,14 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
         bool hidden;
         const bool* key_ok = g.block_mask(n, kb, N, hidden);
         if (hidden) continue;
-        // fp32 operands feed the products in place
-        const float *kt, *vt;
-        int64_t ldk, ldv;
+        const float* kt = kf.data() + kb * D;
+        const float* vt = vf.data() + kb * D;
+        int64_t ldk = D, ldv = D;
         if constexpr (std::is_same_v<T, float>) {
-          kt = kp + kb * lk.row, ldk = lk.row;
-          vt = vp + kb * lv.row, ldv = lv.row;
-        } else {
-          kt = kf.data() + kb * D, vt = vf.data() + kb * D, ldk = ldv = D;
+          if (in_place) {  // fp32 operands feed the products where they are
+            kt = kp + kb * lk.row, ldk = lk.row;
+            vt = vp + kb * lv.row, ldv = lv.row;
+          }
         }
         gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, ldk, 0.0f, s.data(), kBlockK);
         for (int64_t r = 0; r < M; ++r) {
@@ -330,15 +342,39 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
 }
 
 // ------------------------------------------------------------------ backward
+// The softmax term of the backward, delta_i = sum_j P_ij dP_ij (dP after dropout), equals
+// dO_i . O_i.  From fp32 output that product is exact enough.  From a 16-bit output it is
+// not: O's rounding (2^-11 relative in fp16) enters every dS_ij = P_ij (dP_ij - delta_i)
+// and, when a query sees one or two keys or its softmax is peaked (dP_ij ~ delta_i), it
+// dominates dQ/dK (4-10x plain PyTorch's own error measured).  So for 16-bit inputs delta
+// comes from the fp32 P and dP tiles: a first pass over the query block's keys computes
+// S and dO V^T (the two products the gradient pass needs anyway) and keeps them, up to
+// kStashKeys keys per row (64 x 4096 fp32 x 2-3 tiles = 2-3 MiB per thread); the second
+// pass reuses them, so no product is computed twice.  A longer row recomputes the two
+// products in the second pass (+40% of the backward's matmuls) rather than holding
+// O(rows x keys) memory.  Saving an fp32 copy of O in the forward instead would add a
+// tensor the size of O to what every layer keeps for its backward.
+constexpr int64_t kStashKeys = 4096;
+
+// rowsum(a * b) of two fp32 rows.
+FASTLM_MULTIVERSION
+float dot_row(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 template <typename T>
 void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
                      const T* v, Layout lv, const T* out, Layout lo, const float* lse, Layout ll, T* dq, Layout ldq,
                      T* dk, Layout ldk, T* dv, Layout ldv) {
   const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
+  constexpr bool exact_delta = !std::is_same_v<T, float>;  // see above
+  const bool dropout = g.drop_threshold != 0;
   at::parallel_for(0, g.nseq * g.heads_k, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf, vf, dkf, dvf;
-    std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D), p(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
+    std::vector<float> kf, vf, dkf, dvf, p, dp, pd;
+    std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D);
     float delta[kBlockQ], lrow[kBlockQ];
     int64_t row_begin[kBlockQ], row_end[kBlockQ];
     for (int64_t item = begin; item < end; ++item) {
@@ -367,44 +403,66 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
           for (int64_t r = 0; r < M; ++r) {
             load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
             load_row(dop + r * ldo.row, D, 1.0f, dof.data() + r * D);
-            delta[r] = row_dot(dof.data() + r * D, op + r * lo.row, D);
+            delta[r] = exact_delta ? 0.0f : row_dot(dof.data() + r * D, op + r * lo.row, D);
             lrow[r] = lp[r * ll.row];
             row_begin[r] = g.key_begin(n, i0 + r, kmin);
             row_end[r] = g.key_end(n, i0 + r, kmax);
           }
           std::fill(dqf.begin(), dqf.begin() + M * D, 0.0f);
-          const int64_t block_end = row_end[M - 1];
-          for (int64_t kb = row_begin[0]; kb < block_end; kb += kBlockK) {
-            const int64_t N = std::min(kBlockK, block_end - kb);
-            bool hidden;
-            const bool* key_ok = g.block_mask(n, kb, N, hidden);
-            if (hidden) continue;
-            const float* kt = kf.data() + kb * D;
-            const float* vt = vf.data() + kb * D;
-            gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, D, 0.0f, p.data(), kBlockK);   // S
-            gemm(false, true, M, N, D, 1.0f, dof.data(), D, vt, D, 0.0f, dp.data(), kBlockK);  // dO V^T
-            const float* pv = p.data();  // the probabilities multiplying V in the forward
+          const int64_t block_begin = row_begin[0], block_end = row_end[M - 1];
+          // The tiles of keys [kb, kb + kBlockK) live at column kb - block_begin of the
+          // stash (row stride ld) when the whole row fits, else in one reused tile.
+          const bool stash = exact_delta && block_end - block_begin <= kStashKeys;
+          const int64_t ld = stash ? std::max<int64_t>(block_end - block_begin, 1) : kBlockK;
+          for (auto* buf : {&p, &dp}) buf->resize(M * ld);
+          if (dropout) pd.resize(M * ld);
+          auto col = [&](int64_t kb) { return stash ? kb - block_begin : 0; };
+          // P (undropped), dP (after dropout) and, with dropout, P * Z for dV: keys [kb, kb + N)
+          auto tile = [&](int64_t kb, int64_t N, const bool* key_ok) {
+            float* pt = p.data() + col(kb);
+            float* dpt = dp.data() + col(kb);
+            gemm(false, true, M, N, D, 1.0f, qf.data(), D, kf.data() + kb * D, D, 0.0f, pt, ld);   // S
+            gemm(false, true, M, N, D, 1.0f, dof.data(), D, vf.data() + kb * D, D, 0.0f, dpt, ld);  // dO V^T
             for (int64_t r = 0; r < M; ++r) {
-              float* pr = p.data() + r * kBlockK;
-              float* dpr = dp.data() + r * kBlockK;
+              float* pr = pt + r * ld;
               probs_row(pr, N, row_begin[r] - kb, row_end[r] - kb, key_ok, lrow[r]);
-              if (g.drop_threshold) {
+              if (dropout) {
                 // forward used P * Z (Z = keep / (1 - p)); so dV takes P * Z and dP = Z * dO V^T
                 const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
-                float* pdr = pd.data() + r * kBlockK;
+                float* pdr = pd.data() + col(kb) + r * ld;
                 std::copy(pr, pr + N, pdr);
                 dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
-                dropout_row(dpr, N, key, kb, g.drop_threshold, g.drop_scale);
+                dropout_row(dpt + r * ld, N, key, kb, g.drop_threshold, g.drop_scale);
               }
             }
-            if (g.drop_threshold) pv = pd.data();
-            gemm(true, false, N, D, M, 1.0f, pv, kBlockK, dof.data(), D, 1.0f, dvf.data() + kb * D, D);
-            for (int64_t r = 0; r < M; ++r)
-              dscores_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, N, delta[r]);
-            // dS is w.r.t. the scaled scores: dQ = scale * dS K, dK = dS^T (scale * Q)
-            gemm(false, false, M, D, N, 1.0f, dp.data(), kBlockK, kt, D, 1.0f, dqf.data(), D);
-            gemm(true, false, N, D, M, 1.0f, dp.data(), kBlockK, qf.data(), D, 1.0f, dkf.data() + kb * D, D);
+          };
+          // Every key block a query of this block can see (the padding mask may hide whole blocks).
+          auto for_each_block = [&](auto&& body) {
+            for (int64_t kb = block_begin; kb < block_end; kb += kBlockK) {
+              const int64_t N = std::min(kBlockK, block_end - kb);
+              bool hidden;
+              const bool* key_ok = g.block_mask(n, kb, N, hidden);
+              if (!hidden) body(kb, N, key_ok);
+            }
+          };
+          if (exact_delta) {
+            for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+              tile(kb, N, key_ok);
+              for (int64_t r = 0; r < M; ++r)
+                delta[r] += dot_row(p.data() + col(kb) + r * ld, dp.data() + col(kb) + r * ld, N);
+            });
           }
+          for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+            if (!stash) tile(kb, N, key_ok);
+            float* pt = p.data() + col(kb);
+            float* dpt = dp.data() + col(kb);
+            const float* pv = dropout ? pd.data() + col(kb) : pt;  // the probabilities multiplying V
+            gemm(true, false, N, D, M, 1.0f, pv, ld, dof.data(), D, 1.0f, dvf.data() + kb * D, D);
+            for (int64_t r = 0; r < M; ++r) dscores_row(pt + r * ld, dpt + r * ld, N, delta[r]);
+            // dS is w.r.t. the scaled scores: dQ = scale * dS K, dK = dS^T (scale * Q)
+            gemm(false, false, M, D, N, 1.0f, dpt, ld, kf.data() + kb * D, D, 1.0f, dqf.data(), D);
+            gemm(true, false, N, D, M, 1.0f, dpt, ld, qf.data(), D, 1.0f, dkf.data() + kb * D, D);
+          });
           T* dqp = dq + n * ldq.batch + h * ldq.head + tok * ldq.row;
           for (int64_t r = 0; r < M; ++r) store_row(dqf.data() + r * D, D, g.scale, dqp + r * ldq.row);
         }
@@ -496,7 +554,7 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
   g.causal = causal;
   g.window = window;
   g.scale = static_cast<float>(scale);
-  g.drop_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
+  g.drop_threshold = dropout_p > 0.0 ? fastlm_dropout_threshold(dropout_p) : 0u;
   g.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   g.seed = static_cast<uint64_t>(seed);
   return g;
