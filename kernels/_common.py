@@ -28,12 +28,16 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTLM_TRITON_AUTOTUNE", "1").strip() != "0"
 
 
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on this CUDA device."""
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def shared_memory_limit(device_index: int) -> int:
-    """Bytes of shared memory one program may use on CUDA device ``device_index``."""
+def _shared_memory_limit(index: int) -> int:
     from triton.runtime import driver
 
-    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def one_stage(config: triton.Config) -> triton.Config:
@@ -63,10 +67,10 @@ def pruner(shared_bytes, preferred=None) -> dict:
     ``preferred(config, named_args, meta)`` marks the configs to try first."""
     def prune(configs, named_args, **meta):
         device = next(a.device for a in named_args.values() if isinstance(a, torch.Tensor))
-        limit = shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
-        return choose(configs, lambda c: shared_bytes(c, named_args, meta), limit,
+        return choose(configs, lambda c: shared_bytes(c, named_args, meta), shared_memory_limit(device),
                       (lambda c: preferred(c, named_args, meta)) if preferred else (lambda c: True))
 
+    prune.shared_bytes = shared_bytes  # for tests/test_triton_compile.py
     return {"early_config_prune": prune}
 
 

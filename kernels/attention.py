@@ -63,14 +63,15 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # features, a power-of-two bucket of the longest query / key sequence) plus the tensor
 # dtypes, which triton adds itself: a new sequence length re-uses its bucket's choice.
 # The interpreter runs one fixed, small config (benchmarking configs there would take
-# minutes and mean nothing).  (BLOCK_M, BLOCK_N, num_warps, num_stages):
+# minutes and mean nothing).  Each list ends with 16 x 16 tiles, the only ones fp32 with
+# head dim 256 fits in an A100's shared memory.  (BLOCK_M, BLOCK_N, num_warps, num_stages):
 GPU_CONFIGS = {
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2),
-            (32, 32, 4, 2)],
+            (32, 32, 4, 2), (16, 16, 2, 1)],
     "dkdv": [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2),
-             (32, 32, 4, 2), (32, 32, 8, 2)],
+             (32, 32, 4, 2), (32, 32, 8, 2), (16, 16, 2, 1)],
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-           (32, 32, 8, 2)],
+           (32, 32, 8, 2), (16, 16, 2, 1)],
 }
 _INTERPRETED = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
@@ -93,13 +94,14 @@ def shared_bytes(kernel: str, config: triton.Config, meta: dict, element_size: i
     """Upper bound of one program's shared memory: the tiles its loop streams, one copy per
     pipeline stage (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel),
     the tiles it keeps resident, and the score-sized tiles that change layout on their way
-    into a second product (P, dS).  tests/test_triton_compile.py checks it against the
-    compiler's own figure for every config."""
+    into a second product (P, dS), plus 4 KiB for the small layout conversions (row
+    statistics, transposes) that tiny tiles make visible.  tests/test_triton_compile.py
+    checks it against the compiler's own figure for every config."""
     bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     row = _operand_bytes(meta, element_size)
     score = bm * bn * max(element_size, 2)
     streamed, resident = {"fwd": (2 * bn, bm), "dq": (2 * bn, 2 * bm), "dkdv": (2 * bm, 2 * bn)}[kernel]
-    return row * (stages * streamed + resident) + (2 if kernel == "dkdv" else 1) * score
+    return row * (stages * streamed + resident) + (2 if kernel == "dkdv" else 1) * score + 4096
 
 
 def _pruner(kernel: str, acc_rows: str, max_acc_regs: int) -> dict:

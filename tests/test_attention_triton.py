@@ -12,7 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from _attention_truth import CAUSAL_CODE, identity_values, make_qkv, pack, padding_mask, truth, eager  # noqa: E402
+import triton  # noqa: E402
+from _attention_truth import CAUSAL_CODE, eager, identity_values, make_qkv, pack, padding_mask, truth  # noqa: E402
+from fastlm.kernels import _common as tuning  # noqa: E402
+from fastlm.kernels import attention as kernels  # noqa: E402
 from fastlm.kernels.attention import attention_backward, attention_forward  # noqa: E402
 
 
@@ -194,3 +197,57 @@ def test_dropout_forward_backward_same_mask(mode):
     assert_matches(out, ref_out, atol=2e-5)
     for got, want in ((dq, rq), (dk, rk), (dv, rv)):
         assert_matches(got, want, atol=5e-5)
+
+
+# ------------------------------------------------------------------- autotune pruning
+# Checked without a GPU: the device's shared memory limit is substituted.
+H200, A100 = 232448, 166912  # bytes of shared memory per program (H100 = H200)
+
+
+def _sized(*sizes, stages=3):
+    return [triton.Config({"BLOCK_M": s}, num_warps=4, num_stages=stages) for s in sizes]
+
+
+def test_choose_fitting_configs_then_one_stage_then_smallest(monkeypatch):
+    monkeypatch.delenv("FASTLM_TRITON_AUTOTUNE", raising=False)
+    configs = _sized(300, 100, 200)
+    size = lambda c: c.kwargs["BLOCK_M"] * c.num_stages  # noqa: E731
+    summary = lambda cs: [(c.kwargs["BLOCK_M"], c.num_stages) for c in cs]  # noqa: E731
+    assert summary(tuning.choose(configs, size, 700)) == [(100, 3), (200, 3)]  # in the given order
+    assert summary(tuning.choose(configs, size, 1000, lambda c: c.kwargs["BLOCK_M"] == 200)) == [(200, 3)]
+    assert summary(tuning.choose(configs, size, 250)) == [(100, 1), (200, 1)]  # benchmarked, not one guess
+    assert summary(tuning.choose(configs, size, 50)) == [(100, 1)]  # last resort: the least shared memory
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "0")
+    assert summary(tuning.choose(configs, size, 700)) == [(100, 3)]  # pinned: the first that fits
+    assert summary(tuning.choose(configs, size, 250)) == [(100, 1)]
+
+
+@pytest.mark.parametrize("limit", [H200, A100])
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+def test_attention_configs_pruned_to_the_device(monkeypatch, kernel, limit):
+    """Every kept config fits the device by the estimate (which tests/test_triton_compile.py
+    checks against the compiler); 16-bit head dims up to 128 keep a real choice on an H200
+    (without dropout, whose register budget is tighter);
+    FASTLM_TRITON_AUTOTUNE=0 keeps exactly the first config that fits."""
+    monkeypatch.delenv("FASTLM_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: limit)
+    prune = getattr(kernels, {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}[kernel])
+    prune = prune.early_config_prune
+    gpu_configs = kernels.configs(kernel, interpreted=False)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for block_d in (16, 64, 128, 256):
+            for dropout in (False, True):
+                meta = dict(BLOCK_D=block_d, DROPOUT=dropout)
+                named = {"Q": torch.empty(0, dtype=dtype)}
+                size = lambda c: kernels.shared_bytes(kernel, c, meta, named["Q"].element_size())  # noqa: E731
+                chosen = prune(gpu_configs, named, **meta)
+                assert chosen and all(size(c) <= limit for c in chosen), (dtype, block_d, chosen)
+                if dtype != torch.float32 and block_d <= 128 and limit == H200 and not dropout:
+                    assert len(chosen) >= 2 and all(c in gpu_configs for c in chosen), (dtype, block_d)
+                monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "0")
+                pinned = prune(gpu_configs, named, **meta)
+                monkeypatch.delenv("FASTLM_TRITON_AUTOTUNE")
+                assert len(pinned) == 1 and size(pinned[0]) <= limit
+                fitting = [c for c in gpu_configs if size(c) <= limit]
+                if fitting:
+                    assert pinned[0] in fitting
