@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _attention_truth import CAUSAL_CODE
 from fastlm import registry
 from fastlm.registry import Problem
 
@@ -58,8 +57,9 @@ class Target:
         """Skip when a GPU backend declares it cannot serve this input (never on CPU)."""
         if self.device == "cpu":
             return
-        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal=CAUSAL_CODE[causal],
-                             window=window is not None, dropout=dropout, packed=packed, gqa=q.shape[1] != k.shape[1])
+        needs = {"window": window is not None, "dropout": dropout, "packed": packed, "gqa": q.shape[1] != k.shape[1],
+                 "causal": causal is True, "bottom_right": causal == "bottom_right"}
+        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], features=[f for f, on in needs.items() if on])
         reasons = registry.table("attention")[self.backend].unsupported_reasons(problem)
         if reasons:
             pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
