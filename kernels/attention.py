@@ -52,11 +52,11 @@ import triton.language as tl
 from fastlm.ops._common import last_dim_contiguous
 from fastlm.registry import triton_interpreted
 
-from ._common import narrow, pruner
+from ._common import pruner
+from ._flash import (LOG2E, dropout_keep, key_range, load_rows, lowp, masked_scores, mma, probs_and_dp, program,
+                     row_stats, shift)
 
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
-_LN2 = tl.constexpr(0.6931471805599453)
+_LN2 = tl.constexpr(0.6931471805599453)  # kernels may only read constexpr globals
 
 
 # ------------------------------------------------------------------------- autotuning
@@ -130,174 +130,6 @@ def _bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
 
 
-# ---------------------------------------------------------------------- shared helpers
-@triton.jit
-def _seq_bounds(CU, off_b, seqlen, IS_VARLEN: tl.constexpr):
-    """(first token, length) of sequence ``off_b``: from ``cu_seqlens`` or the padded length."""
-    if IS_VARLEN:
-        start = tl.load(CU + off_b).to(tl.int64)
-        end = tl.load(CU + off_b + 1).to(tl.int64)
-        return start, end - start
-    else:
-        return 0, seqlen
-
-
-@triton.jit
-def _program(CU_Q, CU_K, seqlen_q, seqlen_k, max_seqlen, num_heads, IS_VARLEN: tl.constexpr, BLOCK: tl.constexpr):
-    """Which block of which (sequence, head) this program owns, from the one-dimensional
-    grid ``cdiv(max_seqlen, BLOCK) x sequences x heads`` (block fastest, so the programs of
-    one head run side by side and share its K/V in L2), with the bounds of that sequence:
-    ``(block, off_b, off_h, q_start, len_q, k_start, len_k)``."""
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(max_seqlen, BLOCK)
-    block = pid % blocks
-    off_bh = pid // blocks
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
-    q_start, len_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, len_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
-    return block, off_b, off_h, q_start, len_q, k_start, len_k
-
-
-@triton.jit
-def _load_rows(base, rows, stride, offs_d, rows_ok, d_ok):
-    """A (rows x BLOCK_D) tile of a (.., rows, head_dim) operand; masked lanes read 0."""
-    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _shift(len_q, len_k, CAUSAL: tl.constexpr):
-    """Key position of query 0: ``Lk - Lq`` for bottom-right causal, else 0."""
-    if CAUSAL == 2:
-        return len_k - len_q
-    else:
-        return 0
-
-
-@triton.jit
-def _visible(qi, kj, len_q, len_k, kpm, stride_mn, window, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr):
-    """Which (query ``qi``, key ``kj``) pairs attend; ``qi``/``kj`` broadcast to the tile."""
-    vis = (qi < len_q) & (kj < len_k)
-    if HAS_MASK:
-        vis = vis & (tl.load(kpm + kj * stride_mn, mask=kj < len_k, other=0) != 0)
-    dist = qi + _shift(len_q, len_k, CAUSAL) - kj  # query position - key position
-    if CAUSAL != 0:
-        vis = vis & (dist >= 0)
-    if HAS_WINDOW:
-        vis = vis & (dist < window)
-        if CAUSAL == 0:
-            vis = vis & (dist > -window)
-    return vis
-
-
-@triton.jit
-def _dropout_keep(seed, row, key, dropout_p):
-    """Keep-bits for (lse row ``row``, key index ``key`` in the layout), broadcast to a
-    tile: Philox-4x32 with the 64-bit seed as key and (key, row) as two of its 32-bit
-    counters, so no 64-bit index arithmetic is spent per element.  Identical in forward
-    and backward."""
-    key = key.to(tl.int32) + row.to(tl.int32) * 0  # both counters at tile shape
-    row = row.to(tl.int32) + key * 0
-    bits, _, _, _ = tl.philox(seed, key, row, 0, 0)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
-
-
-@triton.jit
-def _mma(a, b, DOT_PRECISION: tl.constexpr):
-    """``a @ b`` accumulated in fp32.  DOT_PRECISION: "tf32" for fp16/bf16 inputs (no
-    effect there), "tf32x3" for fp32 inputs (three TF32 tensor-core products: fp32-level
-    accuracy, where "ieee" would fall back to slow FMA loops), or "widen": only under the
-    interpreter with bf16 inputs, whose tl.dot would multiply the raw uint16 bit
-    patterns (triton stores bf16 as uint16 there); widening bf16 -> fp32 is exact, so
-    the product equals a bf16 MMA with fp32 accumulation."""
-    if DOT_PRECISION == "widen":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _lowp(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 -> the operands' ``dtype``, to nearest even as a GPU rounds; the interpreter's
-    bf16 cast (DOT_PRECISION "widen") truncates, so it is rounded by hand there only."""
-    if DOT_PRECISION == "widen":
-        return narrow(x, dtype)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def _masked_scores(a, b, qi, kj, len_q, len_k, kpm, stride_mn, window, qk_scale, HAS_MASK: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The score tile ``qk_scale * (a @ b)`` (log2 domain), -inf where query ``qi`` does
-    not see key ``kj``: queries x keys (``a`` = Q, ``b`` = K^T), or keys x queries in the
-    dK/dV kernel (``a`` = K, ``b`` = Q^T, ``qi``/``kj`` broadcast the other way)."""
-    s = _mma(a, b, DOT_PRECISION) * qk_scale
-    vis = _visible(qi, kj, len_q, len_k, kpm, stride_mn, window, HAS_MASK, CAUSAL, HAS_WINDOW)
-    return tl.where(vis, s, float("-inf"))
-
-
-@triton.jit
-def _probs_and_dp(a, b, c, d, qi, kj, lse, row, key, len_q, len_k, kpm, stride_mn, window, qk_scale,
-                  dropout_p, seed, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The backward's tiles, as oriented as :func:`_masked_scores`: P = exp2(s - lse) (the
-    forward's normalised probabilities, fp32), dP = Z * (c @ d) (``c @ d`` = dO V^T; Z =
-    keep / (1 - p) the forward's dropout factor, 1 without dropout) and P * Z (what
-    multiplied V in the forward).  ``lse`` (log2 domain, +inf for rows that see nothing),
-    ``row`` and ``key`` (the dropout counters) broadcast to the tile."""
-    p = tl.exp2(_masked_scores(a, b, qi, kj, len_q, len_k, kpm, stride_mn, window, qk_scale, HAS_MASK, CAUSAL,
-                               HAS_WINDOW, DOT_PRECISION) - lse)
-    dp = _mma(c, d, DOT_PRECISION)
-    if DROPOUT:
-        keep = _dropout_keep(seed, row, key, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        return p, tl.where(keep, dp * inv_keep, 0.0), tl.where(keep, p * inv_keep, 0.0)
-    else:
-        return p, dp, p
-
-
-@triton.jit
-def _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[lo, hi)``: the keys any query of block ``start_m`` can see, ``lo`` a multiple of
-    ``BLOCK_N``.  With a padding mask, a scan of the mask row (``len_k`` bytes, against
-    ``len_k * D * 4`` bytes of K and V) trims the padded keys at both ends, so padded
-    batches skip their padding's matmuls (a row with no key at all gets lo >= hi).  The
-    causal limit and the sliding window (keys within ``window`` of the block's first and
-    last query positions) cut the range further: local attention costs O(window) per row."""
-    lo = 0
-    hi = len_k
-    if HAS_MASK:
-        first = tl.full([], 0, tl.int32) + len_k
-        last = tl.full([], -1, tl.int32)
-        for start in range(0, len_k, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            keep = tl.load(kpm + j * stride_mn, mask=j < len_k, other=0) != 0
-            first = tl.minimum(first, tl.min(tl.where(keep, j, len_k), 0))
-            last = tl.maximum(last, tl.max(tl.where(keep, j, -1), 0))
-        lo = (first // BLOCK_N) * BLOCK_N
-        hi = last + 1
-    first_pos = start_m * BLOCK_M + _shift(len_q, len_k, CAUSAL)  # key positions of the block's
-    last_pos = first_pos + BLOCK_M - 1                             # first and last query
-    if CAUSAL != 0:
-        hi = tl.minimum(hi, last_pos + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
-        if CAUSAL == 0:
-            hi = tl.minimum(hi, last_pos + window)
-    return lo, hi
-
-
-@triton.jit
-def _row_stats(LSE, lse_row, row_ok):
-    """log2-domain lse of a block of query rows.  Rows with no visible key (lse = -inf)
-    and rows past the sequence get lse = +inf, so exp2(s - lse) = 0."""
-    lse = tl.load(LSE + lse_row, mask=row_ok, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-
-
 # ----------------------------------------------------------------------------- forward
 @triton.autotune(configs=configs("fwd", triton_interpreted()), key=_KEY, prune_configs_by=_pruner("fwd", "BLOCK_M", 64))
 @triton.jit(do_not_specialize=["seed"])
@@ -314,7 +146,7 @@ def _attn_fwd(
 ):
     # One program: BLOCK_M queries of one (sequence, head).  Q is read once, K and V once
     # per query block; O and the log-sum-exp are written once.
-    start_m, off_b, off_h, q_start, len_q, k_start, len_k = _program(
+    start_m, off_b, off_h, q_start, len_q, k_start, len_k = program(
         CU_Q, CU_K, seqlen_q, seqlen_k, max_seqlen_q, num_heads, IS_VARLEN, BLOCK_M)
     if start_m * BLOCK_M >= len_q:
         return
@@ -326,7 +158,7 @@ def _attn_fwd(
     d_ok = offs_d < HEAD_DIM  # head dims that are not powers of two: masked lanes read 0
     lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m  # also the dropout row id
 
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_start + offs_m, stride_qm, offs_d, row_ok, d_ok)
+    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_start + offs_m, stride_qm, offs_d, row_ok, d_ok)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     kpm = KPM + off_b * stride_mb
@@ -334,12 +166,12 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
+    lo, hi = key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
                         BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
-        k = _load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
-        s = _masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
+        k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
+        s = masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
                            qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
@@ -349,9 +181,9 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normaliser counts every key; only the product with V is dropped
-            p = tl.where(_dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], dropout_p), p, 0.0)
-        v = _load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-        acc = acc * alpha[:, None] + _mma(_lowp(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
+            p = tl.where(dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], dropout_p), p, 0.0)
+        v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
+        acc = acc * alpha[:, None] + mma(lowp(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: out = 0 (acc is 0), lse = -inf
@@ -360,7 +192,7 @@ def _attn_fwd(
     if DROPOUT:
         out_scale = out_scale / (1.0 - dropout_p)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, _lowp(acc * out_scale[:, None], O.dtype.element_ty, DOT_PRECISION),
+    tl.store(o_ptrs, lowp(acc * out_scale[:, None], O.dtype.element_ty, DOT_PRECISION),
              mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     tl.store(LSE + lse_row, lse, mask=row_ok)
@@ -401,7 +233,7 @@ def _attn_bwd_dq(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, off_b, off_h, q_start, len_q, k_start, len_k = _program(
+    start_m, off_b, off_h, q_start, len_q, k_start, len_k = program(
         CU_Q, CU_K, seqlen_q, seqlen_k, max_seqlen_q, num_heads, IS_VARLEN, BLOCK_M)
     if start_m * BLOCK_M >= len_q:
         return
@@ -413,25 +245,25 @@ def _attn_bwd_dq(
     d_ok = offs_d < HEAD_DIM
     rows = q_start + offs_m
     lse_row = off_b * stride_lb + off_h * stride_lh + rows
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qm, offs_d, row_ok, d_ok)
-    do = _load_rows(DO + off_b * stride_db + off_h * stride_dh, rows, stride_dm, offs_d, row_ok, d_ok)
-    lse = _row_stats(LSE, lse_row, row_ok)
+    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qm, offs_d, row_ok, d_ok)
+    do = load_rows(DO + off_b * stride_db + off_h * stride_dh, rows, stride_dm, offs_d, row_ok, d_ok)
+    lse = row_stats(LSE, lse_row, row_ok)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     kpm = KPM + off_b * stride_mb
-    lo, hi = _key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
+    lo, hi = key_range(kpm, stride_mn, start_m, len_q, len_k, window, HAS_MASK, CAUSAL, HAS_WINDOW,
                         BLOCK_M, BLOCK_N)
 
     if DOT_PRECISION == "tf32x3":  # fp32 inputs: O is exact enough (see above)
-        o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, rows, stride_om, offs_d, row_ok, d_ok)
+        o = load_rows(O + off_b * stride_ob + off_h * stride_oh, rows, stride_om, offs_d, row_ok, d_ok)
         delta = tl.sum(o * do, 1)
     else:
         delta = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             kj = start_n + offs_n
-            k = _load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
-            v = _load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-            p, dp, _ = _probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
+            k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
+            v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
+            p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
                                      lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
                                      qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
             delta += tl.sum(p * dp, 1)
@@ -440,16 +272,16 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
-        k = _load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
-        v = _load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-        p, dp, _ = _probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
+        k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
+        v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
+        p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
                                  lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
                                  qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += _mma(_lowp(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
+        dq += mma(lowp(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, _lowp(dq * sm_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(dq_ptrs, lowp(dq * sm_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.autotune(configs=configs("dkdv", triton_interpreted()), key=_KEY,
@@ -469,7 +301,7 @@ def _attn_bwd_dkdv(
 ):
     # Tiles are computed transposed (keys x queries) so that dV += (P Z)^T dO and
     # dK += dS^T Q need no transposed operand in registers.
-    start_n, off_b, off_hk, q_start, len_q, k_start, len_k = _program(
+    start_n, off_b, off_hk, q_start, len_q, k_start, len_k = program(
         CU_Q, CU_K, seqlen_q, seqlen_k, max_seqlen_k, num_kv_heads, IS_VARLEN, BLOCK_N)
     if start_n * BLOCK_N >= len_k:
         return
@@ -478,24 +310,24 @@ def _attn_bwd_dkdv(
     key_ok = offs_n < len_k
     d_ok = offs_d < HEAD_DIM
     rows_k = k_start + offs_n
-    k = _load_rows(K + off_b * stride_kb + off_hk * stride_kh, rows_k, stride_kn, offs_d, key_ok, d_ok)
-    v = _load_rows(V + off_b * stride_vb + off_hk * stride_vh, rows_k, stride_vn, offs_d, key_ok, d_ok)
+    k = load_rows(K + off_b * stride_kb + off_hk * stride_kh, rows_k, stride_kn, offs_d, key_ok, d_ok)
+    v = load_rows(V + off_b * stride_vb + off_hk * stride_vh, rows_k, stride_vn, offs_d, key_ok, d_ok)
     kpm = KPM + off_b * stride_mb
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     # The queries that can see a key of this block: [lo, q_end), lo a multiple of BLOCK_M.
-    # Query i sits at key position i + shift: causal needs i + shift >= first key, the
-    # window i + shift > first key - window and i + shift < last key + window.
-    shift = _shift(len_q, len_k, CAUSAL)
+    # Query i sits at key position i + pos0: causal needs i + pos0 >= first key, the
+    # window i + pos0 > first key - window and i + pos0 < last key + window.
+    pos0 = shift(len_q, len_k, CAUSAL)  # key position of query 0
     lo = 0
     if CAUSAL != 0:
-        lo = (tl.maximum(start_n * BLOCK_N - shift, 0) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n * BLOCK_N - pos0, 0) // BLOCK_M) * BLOCK_M
     elif HAS_WINDOW:
-        lo = (tl.maximum(start_n * BLOCK_N - shift - window + 1, 0) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n * BLOCK_N - pos0 - window + 1, 0) // BLOCK_M) * BLOCK_M
     q_end = len_q
     if HAS_WINDOW:
-        q_end = tl.minimum(q_end, (start_n + 1) * BLOCK_N - 1 - shift + window)
+        q_end = tl.minimum(q_end, (start_n + 1) * BLOCK_N - 1 - pos0 + window)
     if HAS_MASK:  # a key block that is all padding: zero gradients, skip the loop
         pad = tl.load(kpm + offs_n * stride_mn, mask=key_ok, other=0)
         q_end = tl.where(tl.max(pad.to(tl.int32), 0) > 0, q_end, 0)
@@ -506,24 +338,24 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, q_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < len_q
-            q = _load_rows(q_base, q_start + offs_m, stride_qm, offs_d, row_ok, d_ok)
-            do = _load_rows(do_base, q_start + offs_m, stride_dm, offs_d, row_ok, d_ok)
+            q = load_rows(q_base, q_start + offs_m, stride_qm, offs_d, row_ok, d_ok)
+            do = load_rows(do_base, q_start + offs_m, stride_dm, offs_d, row_ok, d_ok)
             lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
-            lse = _row_stats(LSE, lse_row, row_ok)
+            lse = row_stats(LSE, lse_row, row_ok)
             delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
-            pt, dpt, pzt = _probs_and_dp(k, tl.trans(q), v, tl.trans(do), offs_m[None, :], offs_n[:, None],
+            pt, dpt, pzt = probs_and_dp(k, tl.trans(q), v, tl.trans(do), offs_m[None, :], offs_n[:, None],
                                          lse[None, :], lse_row[None, :], k_start + offs_n[:, None], len_q, len_k,
                                          kpm, stride_mn, window, qk_scale, dropout_p, seed, HAS_MASK, CAUSAL,
                                          HAS_WINDOW, DROPOUT, DOT_PRECISION)
-            dv += _mma(_lowp(pzt, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
+            dv += mma(lowp(pzt, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])  # dS = P * (dP - delta)
-            dk += _mma(_lowp(dst, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
+            dk += mma(lowp(dst, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
 
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + rows_k[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + rows_k[:, None] * stride_dvn + offs_d[None, :]
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    tl.store(dk_ptrs, _lowp(dk * sm_scale, DK.dtype.element_ty, DOT_PRECISION), mask=kv_mask)
-    tl.store(dv_ptrs, _lowp(dv, DV.dtype.element_ty, DOT_PRECISION), mask=kv_mask)
+    tl.store(dk_ptrs, lowp(dk * sm_scale, DK.dtype.element_ty, DOT_PRECISION), mask=kv_mask)
+    tl.store(dv_ptrs, lowp(dv, DV.dtype.element_ty, DOT_PRECISION), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------- host wrappers
@@ -583,7 +415,7 @@ class _Layout:
         )
 
     def grid(self, max_len: int, heads: int, block_key: str):
-        """The one-dimensional grid of :func:`_program`."""
+        """The one-dimensional grid of :func:`program`."""
         def grid(meta):
             programs = triton.cdiv(max_len, meta[block_key]) * self.batch * heads
             if programs >= 2**31:

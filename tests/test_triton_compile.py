@@ -127,8 +127,8 @@ COMPILE = textwrap.dedent("""
             configs = configs + [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)
                                  for c in (configs[0], configs[-1])]
         seen.add(launch["kernel"])
-        if launch["constexprs"].get("DOT_PRECISION") == "widen":  # interpreter-only bf16 products (attention's
-            launch["constexprs"]["DOT_PRECISION"] = "tf32"       # _mma): a GPU runs bf16 as "tf32"
+        if launch["constexprs"].get("DOT_PRECISION") == "widen":  # the interpreter-only bf16 products of
+            launch["constexprs"]["DOT_PRECISION"] = "tf32"       # kernels/_flash.py's mma: a GPU runs "tf32"
         pointers = {name: torch.empty(0, dtype=DTYPES[t[1:]]) for name, t in launch["signature"].items()
                     if t.startswith("*")}
         for config in configs:
