@@ -157,19 +157,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Fastl
 
     // S = Q K^T for this warp's 16 rows x 64 keys
     float sc[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-      uint32_t a[4];
-      load_a(a, sq, warp * 16, kk, g, t);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        uint32_t b[2];
-        load_b_t(b, sk, kk, j * 8, g, t);
-        Ty::mma(sc[j], a, b);
-      }
-    }
+    product_nt<Ty, D>(sc, sq, sk, warp * 16, g, t);
     // scale, mask, online softmax
     float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -295,24 +283,8 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const FastlmA
     __syncthreads();
     // S = Q K^T and dO V^T for this warp's 16 rows x 64 keys
     float sc[kBlockN / 8][4], dp[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sc[j][c] = dp[j][c] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-      uint32_t aq[4], ado[4];
-      load_a(aq, sq, warp * 16, kk, g, t);
-      load_a(ado, sdo, warp * 16, kk, g, t);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        uint32_t b[2];
-        load_b_t(b, sk, kk, j * 8, g, t);
-        Ty::mma(sc[j], aq, b);
-        load_b_t(b, sv, kk, j * 8, g, t);
-        Ty::mma(dp[j], ado, b);
-      }
-    }
+    product_nt<Ty, D>(sc, sq, sk, warp * 16, g, t);
+    product_nt<Ty, D>(dp, sdo, sv, warp * 16, g, t);
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
@@ -388,24 +360,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Fast
 
       // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x 64 queries
       float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) st[j][c] = dpt[j][c] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D; kk += 16) {
-        uint32_t ak[4], av[4];
-        load_a(ak, sk, warp * 16, kk, g, t);
-        load_a(av, sv, warp * 16, kk, g, t);
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j) {
-          uint32_t b[2];
-          load_b_t(b, sq, kk, j * 8, g, t);
-          Ty::mma(st[j], ak, b);
-          load_b_t(b, sdo, kk, j * 8, g, t);
-          Ty::mma(dpt[j], av, b);
-        }
-      }
+      product_nt<Ty, D>(st, sk, sq, warp * 16, g, t);
+      product_nt<Ty, D>(dpt, sv, sdo, warp * 16, g, t);
       // P^T (dropped, for dV) in st, dS^T in dpt
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j)

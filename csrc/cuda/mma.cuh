@@ -77,4 +77,23 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2], const Smem& s, int k0, 
   b[1] = s.column_pair(k0 + 2 * t + 8, n0 + g);
 }
 
+// c = A B^T, A's rows [r0, r0 + 16) (this warp's) against the first 8 * NT rows of B, the
+// reduction over D columns: a score-shaped tile as the C fragments of NT n-tiles.
+template <typename Ty, int D, int NT>
+__device__ __forceinline__ void product_nt(float (&c)[NT][4], const Smem& a, const Smem& b, int r0, int g, int t) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D; kk += 16) {
+    uint32_t x[4];
+    load_a(x, a, r0, kk, g, t);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      uint32_t y[2];
+      load_b_t(y, b, kk, j * 8, g, t);
+      Ty::mma(c[j], x, y);
+    }
+  }
+}
+
 }  // namespace
