@@ -28,20 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import narrow
+
 _ONE_BLOCK_MAX = 8192  # classes held in registers at once (fp32: 32 KiB per program)
 _BLOCK = 4096  # sweep width for longer rows
-
-
-@triton.jit
-def _narrow(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype``, rounding to nearest even.  For bf16 the rounding is done by hand
-    first: a no-op on a GPU (whose cast rounds the same way), and right under
-    TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates (twice the error)."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -101,14 +91,14 @@ def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_i
             p_scale = (1.0 + 2.0 * z_loss * lse) / s
             if ONE_BLOCK:
                 g = e * p_scale - eps / V - tl.where(cols == y, 1.0 - eps, 0.0) + poison
-                tl.store(g_row + cols, _narrow(g, G.dtype.element_ty), mask=mask)
+                tl.store(g_row + cols, narrow(g, G.dtype.element_ty), mask=mask)
             else:
                 for start in range(0, V, BLOCK):
                     mask = start + cols < V
                     x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
                     g = (tl.exp(x - m_safe) * p_scale - eps / V
                          - tl.where(start + cols == y, 1.0 - eps, 0.0) + poison)
-                    tl.store(g_row + start + cols, _narrow(g, G.dtype.element_ty), mask=mask)
+                    tl.store(g_row + start + cols, narrow(g, G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -118,7 +108,7 @@ def _scale_rows_kernel(G, S, OUT, stride_g, stride_o, V, BLOCK: tl.constexpr):
     mask = cols < V
     scale = tl.load(S + row)
     g = tl.load(G + row * stride_g + cols, mask=mask).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, _narrow(g * scale, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * stride_o + cols, narrow(g * scale, OUT.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_forward(logits, labels, ignore_index: int, label_smoothing: float, z_loss: float,

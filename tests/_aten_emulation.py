@@ -30,7 +30,7 @@ import types
 
 import torch
 
-from _attention_targets import expected_attention
+from _attention_truth import expected_attention
 
 F64 = torch.float64
 INF = float("inf")

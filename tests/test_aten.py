@@ -16,7 +16,8 @@ import types
 import pytest
 import torch
 from _aten_emulation import EMULATION, _keep
-from _attention_targets import assert_close, expected_attention, visible_mask
+from _attention_targets import assert_close
+from _attention_truth import expected_attention, visible
 from _cross_entropy_truth import IGNORE, ce64, lce64
 
 import fastlm.aten
@@ -101,7 +102,7 @@ def expected_packed(q, k, v, cu_q, cu_k, causal, window=None, keep=None, p=0.0):
     parts = []
     for n, (a, b, c, e) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
         qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[a:b], k[c:e], v[c:e]))
-        vis = visible_mask(b - a, e - c, causal, window=window)
+        vis = visible(b - a, e - c, causal=causal, window=window)
         kp = None if keep is None else keep[n:n + 1, :, :b - a, :e - c]
         parts.append(expected_attention(qs, ks, vs, vis, keep=kp, dropout_p=p)[0].transpose(0, 1))
     return torch.cat(parts)
@@ -255,7 +256,7 @@ def test_flash_padded_matches_float64(emulated, case, dtype):
     q, k, v = qkv(b, hq, hk, sq, sk, d, dtype)
     out = attention(q, k, v, causal=causal, window=window, backend="torch")
     assert emulated.calls == ["flash"]
-    vis = visible_mask(sq, sk, causal, window=window)
+    vis = visible(sq, sk, causal=causal, window=window)
     expected = expected_attention(q, k, v, vis)
     got = assert_matches(out, expected, (q, k, v), 1e-2, 3e-2)
     empty = ~vis.any(-1)[0, 0]  # (sq,): rows that see nothing: exactly zero, zero gradient
@@ -288,7 +289,7 @@ def test_flash_packed_matches_float64(emulated, case):
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for n in range(len(lq)):  # (H, T) packed: each sequence's columns
         qs, ks = (t.transpose(0, 1)[None] for t in (q[cq[n]:cq[n + 1]], k[ck[n]:ck[n + 1]]))
-        assert_lse(lse[None, :, cq[n]:cq[n + 1]], qs, ks, visible_mask(lq[n], lk[n], causal, window=window), 0.3)
+        assert_lse(lse[None, :, cq[n]:cq[n + 1]], qs, ks, visible(lq[n], lk[n], causal=causal, window=window), 0.3)
 
 
 # (lengths_q, lengths_k, heads_q, heads_kv, causal)
@@ -321,7 +322,7 @@ def test_fully_padded_rows_zero_and_gradients_finite(emulated):
     mask[2, :4] = False
     out = attention(q, k, v, key_padding_mask=mask, causal=True, backend="torch")
     assert emulated.calls == ["efficient"]
-    expected = expected_attention(q, k, v, visible_mask(6, 6, True, mask))
+    expected = expected_attention(q, k, v, visible(6, 6, causal=True, key_padding_mask=mask))
     assert_close(out, expected, 1e-2, "out")
     dq, dk, dv = grads(out, (q, k, v), torch.randn_like(out))
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
@@ -345,7 +346,7 @@ def test_dropout_follows_the_seed_and_leaves_the_generator_alone(emulated, kerne
     assert torch.equal(torch.default_generator.get_state(), state)
     assert emulated.calls == [kernel]
     keep = _keep(seed, 0, (b, hq, sq, sk), p)
-    expected = expected_attention(q, k, v, visible_mask(sq, sk, False, mask), keep=keep, dropout_p=p)
+    expected = expected_attention(q, k, v, visible(sq, sk, causal=False, key_padding_mask=mask), keep=keep, dropout_p=p)
     tol = 1e-5 if dtype == F32 else 1e-2
     assert_matches(out, expected, (q, k, v), tol, 3 * tol)
 
@@ -491,7 +492,7 @@ def test_gpu_padded_matches_float64(dtype, padding):
     mask = mask if padding else None
     for causal in (False, True):
         out = attention(q, k, v, key_padding_mask=mask, causal=causal, backend="torch")
-        expected = expected_attention(q, k, v, visible_mask(197, 197, causal, mask, "cuda"))
+        expected = expected_attention(q, k, v, visible(197, 197, causal=causal, key_padding_mask=mask, device="cuda"))
         tol = 1e-4 if dtype == F32 else 2e-2
         assert_matches(out, expected, (q, k, v), tol, 3 * tol)
 

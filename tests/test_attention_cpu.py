@@ -1,6 +1,6 @@
 """The C++ CPU attention kernels, called directly as torch.ops.fastlm_C.attention_forward/backward.
 
-Every expectation comes from the float64 reference written below (not from fastlm code).
+Every expectation comes from the float64 truth (_attention_truth.py, not fastlm code).
 Cases the op layer's tests do not reach: odd head dims and lengths through the tiling
 (query blocks of 64, key blocks of 256), strided HF-style views, left/right/holed
 padding, rows that see no key, both causal alignments with seq_q != seq_k, packed
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-NEG_INF = float("-inf")
+from _attention_truth import CAUSAL_CODE, eager, make_qkv, padding_mask, truth
 
 
 @pytest.fixture
@@ -23,80 +23,28 @@ def ops(cpu_ext):
     return cpu_ext
 
 
-# ----------------------------------------------------------------------------- reference
-def visible_keys(B, Sq, Sk, mask, causal):
-    """(B, 1, Sq, Sk) bool: which key each query sees."""
-    vis = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-    if mask is not None:
-        vis &= mask[:, None, None, :]
-    i = torch.arange(Sq)[:, None]
-    j = torch.arange(Sk)[None, :]
-    if causal == 1:
-        vis &= j <= i
-    elif causal == 2:
-        vis &= j <= i + (Sk - Sq)
-    return vis
-
-
-def attention_math(q, k, v, mask=None, causal=0, scale=None, keep=None):
-    """Attention in q's dtype with safe all-masked rows; returns (out, lse).
-
-    keep: optional (B, H, Sq, Sk) dropout multiplier (0 or 1/(1-p)) on the probabilities.
-    """
-    B, H, Sq, D = q.shape
-    Hk, Sk = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    k = k.repeat_interleave(H // Hk, dim=1)
-    v = v.repeat_interleave(H // Hk, dim=1)
-    vis = visible_keys(B, Sq, Sk, mask, causal)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~vis, 0.0)
-    m = s.masked_fill(~vis, NEG_INF).amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.where(vis, torch.exp(s - m), torch.zeros_like(s))
-    total = e.sum(-1, keepdim=True)
-    empty = total == 0
-    total = torch.where(empty, torch.ones_like(total), total)
-    p = e / total
-    lse = torch.where(empty, torch.full_like(total, NEG_INF), torch.log(total) + m).squeeze(-1)
-    if keep is not None:
-        p = p * keep.to(p.dtype)
-    return p @ v, lse
-
-
-def reference(q, k, v, dout, **kw):
-    """float64 output, lse and gradients."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out, lse = attention_math(q64, k64, v64, **kw)
-    out.backward(dout.double())
-    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
-
-
-def call(ops, q, k, v, mask=None, causal=0, p=0.0, scale=None, seed=0, cu=None, max_len=(0, 0)):
+def call(ops, q, k, v, mask=None, causal=False, p=0.0, scale=None, seed=0, cu=None, max_len=(0, 0)):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cu_q, cu_k = cu if cu is not None else (None, None)
     if cu is None:
         max_len = (q.shape[2], k.shape[2])
-    return ops.attention_forward(q, k, v, mask, cu_q, cu_k, max_len[0], max_len[1], causal, 0, p, scale, seed)
+    return ops.attention_forward(q, k, v, mask, cu_q, cu_k, max_len[0], max_len[1], CAUSAL_CODE[causal], 0, p, scale,
+                                 seed)
 
 
-def call_backward(ops, dout, q, k, v, out, lse, mask=None, causal=0, p=0.0, scale=None, seed=0, cu=None, max_len=(0, 0)):
+def call_backward(ops, dout, q, k, v, out, lse, mask=None, causal=False, p=0.0, scale=None, seed=0, cu=None,
+                  max_len=(0, 0)):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cu_q, cu_k = cu if cu is not None else (None, None)
     if cu is None:
         max_len = (q.shape[2], k.shape[2])
-    return ops.attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_len[0], max_len[1], causal, 0, p, scale, seed)
+    return ops.attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_len[0], max_len[1],
+                                  CAUSAL_CODE[causal], 0, p, scale, seed)
 
 
-def hf_layout(B, H, S, D, dtype=torch.float32):
+def hf_qkv(b, hq, hk, sq, sk, d, dtype=torch.float32):
     """(B, H, S, D) views of (B, S, H, D) storage, as Hugging Face passes them."""
-    return torch.randn(B, S, H, D, dtype=dtype).transpose(1, 2)
-
-
-def padding_mask(lengths, S, left=False):
-    j = torch.arange(S)[None, :]
-    L = torch.tensor(lengths)[:, None]
-    return j >= S - L if left else j < L
+    return make_qkv(b, hq, hk, sq, sk, d, dtype=dtype, hf=True, requires_grad=False)
 
 
 def close(actual, expected, tol):
@@ -108,30 +56,27 @@ def close(actual, expected, tol):
 @pytest.mark.parametrize(
     "Sq,Sk,D,causal,pad",
     [
-        (1, 1, 16, 0, None),
-        (7, 7, 40, 1, "right"),
-        (97, 130, 64, 0, "left"),
-        (130, 97, 80, 2, "right"),
-        (97, 300, 16, 1, "left"),  # several key blocks, causal top-left with Sk > Sq
-        (130, 300, 40, 2, "holes"),  # bottom-right, a mask with holes inside key blocks
-        (65, 33, 1, 0, None),  # head_dim 1
-        (33, 20, 256, 1, "right"),  # head_dim 256
+        (1, 1, 16, False, None),
+        (7, 7, 40, True, "right"),
+        (97, 130, 64, False, "left"),
+        (130, 97, 80, "bottom_right", "right"),
+        (97, 300, 16, True, "left"),  # several key blocks, causal top-left with Sk > Sq
+        (130, 300, 40, "bottom_right", "holes"),  # bottom-right, a mask with holes inside key blocks
+        (65, 33, 1, False, None),  # head_dim 1
+        (33, 20, 256, True, "right"),  # head_dim 256
     ],
 )
 def test_forward_backward_fp32(ops, Sq, Sk, D, causal, pad):
     B, H = 2, 3
-    q, k, v = hf_layout(B, H, Sq, D), hf_layout(B, H, Sk, D), hf_layout(B, H, Sk, D)
-    mask = None
+    q, k, v = hf_qkv(B, H, H, Sq, Sk, D)
+    mask = padding_mask(B, Sk, pad, lengths=[Sk, max(1, Sk // 3)])
     if pad == "holes":
-        mask = torch.rand(B, Sk) > 0.4
         mask[:, 256:] = False  # a fully hidden tail block
-    elif pad is not None:
-        mask = padding_mask([Sk, max(1, Sk // 3)], Sk, left=pad == "left")
     dout = torch.randn(B, H, Sq, D)
     out, lse = call(ops, q, k, v, mask, causal)
     assert out.shape == q.shape and out.stride() == q.stride()  # empty_like(q): HF strides kept
     assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32
-    ro, rl, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal)
+    ro, rl, (rdq, rdk, rdv) = truth(q, k, v, dout, key_padding_mask=mask, causal=causal)
     close(out, ro, 2e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(rl))
     close(torch.where(torch.isinf(lse), 0.0, lse), torch.where(torch.isinf(rl), 0.0, rl), 2e-5)
@@ -144,14 +89,14 @@ def test_forward_backward_fp32(ops, Sq, Sk, D, causal, pad):
 def test_rows_that_see_no_key(ops):
     """Fully padded sequences and bottom-right rows before the first key: 0, -inf, zero grads."""
     B, H, Sq, Sk, D = 3, 2, 9, 5, 32
-    q, k, v = hf_layout(B, H, Sq, D), hf_layout(B, H, Sk, D), hf_layout(B, H, Sk, D)
+    q, k, v = hf_qkv(B, H, H, Sq, Sk, D)
     mask = torch.ones(B, Sk, dtype=torch.bool)
     mask[1] = False  # every key of sequence 1 hidden
     mask[2, :3] = False  # left padding: with bottom-right causal, rows 0..6 of sequence 2 see nothing
     dout = torch.randn(B, H, Sq, D)
-    out, lse = call(ops, q, k, v, mask, causal=2)
-    dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, mask, causal=2)
-    ro, rl, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=2)
+    out, lse = call(ops, q, k, v, mask, causal="bottom_right")
+    dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, mask, causal="bottom_right")
+    ro, rl, (rdq, rdk, rdv) = truth(q, k, v, dout, key_padding_mask=mask, causal="bottom_right")
     assert (out[1] == 0).all() and torch.isinf(lse[1]).all() and (lse[1] < 0).all()
     assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
     assert torch.equal(torch.isinf(lse), torch.isinf(rl)) and torch.isinf(rl[2, :, :7]).all()
@@ -160,22 +105,22 @@ def test_rows_that_see_no_key(ops):
         close(got, want, 5e-5)
 
 
-@pytest.mark.parametrize("Hq,Hk,causal", [(6, 2, 0), (4, 1, 1), (4, 4, 2)])
+@pytest.mark.parametrize("Hq,Hk,causal", [(6, 2, False), (4, 1, True), (4, 4, "bottom_right")])
 def test_grouped_query(ops, Hq, Hk, causal):
     B, Sq, Sk, D = 2, 70, 45, 24
-    q, k, v = hf_layout(B, Hq, Sq, D), hf_layout(B, Hk, Sk, D), hf_layout(B, Hk, Sk, D)
-    mask = padding_mask([45, 20], Sk)
+    q, k, v = hf_qkv(B, Hq, Hk, Sq, Sk, D)
+    mask = padding_mask(B, Sk, "right", lengths=[45, 20])
     dout = torch.randn(B, Hq, Sq, D)
     out, lse = call(ops, q, k, v, mask, causal, scale=0.3)
     dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, mask, causal, scale=0.3)
-    ro, _, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal, scale=0.3)
+    ro, _, (rdq, rdk, rdv) = truth(q, k, v, dout, key_padding_mask=mask, causal=causal, scale=0.3)
     assert dk.shape == k.shape and dv.shape == v.shape
     close(out, ro, 2e-5)
     for got, want in ((dq, rdq), (dk, rdk), (dv, rdv)):
         close(got, want, 5e-5)
 
 
-@pytest.mark.parametrize("causal", [0, 1, 2])
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_packed(ops, causal):
     """Packed (tokens, heads, head_dim) with lengths 1, 0, 97 and 70/30 (q/k differ)."""
     Hq, Hk, D = 4, 2, 40
@@ -188,14 +133,11 @@ def test_packed(ops, causal):
     out, lse = call(ops, q, k, v, **kw)
     assert lse.shape == (Hq, sum(lq))
     dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, **kw)
-    for n in range(len(lq)):
-        qs, ks = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
-        seq = lambda t, s: t[s].transpose(0, 1)[None]  # (1, H, L, D)
-        ro, rl, rdq, rdk, rdv = reference(seq(q, qs), seq(k, ks), seq(v, ks), seq(dout, qs), causal=causal)
-        close(seq(out, qs), ro, 2e-5)
-        assert torch.equal(torch.isinf(lse[:, qs]), torch.isinf(rl[0]))
-        for got, want in ((dq, rdq), (dk, rdk), (dv, rdv)):
-            close(seq(got, qs if got is dq else ks), want, 5e-5)
+    ro, rl, (rdq, rdk, rdv) = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=causal)
+    close(out, ro, 2e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    for got, want in ((dq, rdq), (dk, rdk), (dv, rdv)):
+        close(got, want, 5e-5)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -225,16 +167,16 @@ def test_dropout_statistics_and_determinism(ops):
     assert not torch.equal(mult, dropout_multiplier(ops, B, H, Sq, Sk, p, seed=1235))
 
 
-@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("causal", [False, True])
 def test_dropout_backward_uses_forward_mask(ops, causal):
     B, H, Sq, Sk, p, seed = 2, 2, 40, 48, 0.2, 99
-    keep = dropout_multiplier(ops, B, H, Sq, Sk, p, seed)  # mask depends only on (seed, b, h, i, j)
-    q, k, v = hf_layout(B, H, Sq, Sk), hf_layout(B, H, Sk, Sk), hf_layout(B, H, Sk, Sk)
-    mask = padding_mask([48, 30], Sk)
+    keep = dropout_multiplier(ops, B, H, Sq, Sk, p, seed) > 0  # mask depends only on (seed, b, h, i, j)
+    q, k, v = hf_qkv(B, H, H, Sq, Sk, Sk)
+    mask = padding_mask(B, Sk, "right", lengths=[48, 30])
     dout = torch.randn(B, H, Sq, Sk)
     out, lse = call(ops, q, k, v, mask, causal, p=p, seed=seed)
     dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, mask, causal, p=p, seed=seed)
-    ro, rl, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal, keep=keep)
+    ro, rl, (rdq, rdk, rdv) = truth(q, k, v, dout, key_padding_mask=mask, causal=causal, keep=keep, dropout_p=p)
     close(out, ro, 2e-5)
     close(lse, rl, 2e-5)  # lse is of the undropped probabilities
     for got, want in ((dq, rdq), (dk, rdk), (dv, rdv)):
@@ -243,24 +185,40 @@ def test_dropout_backward_uses_forward_mask(ops, causal):
 
 # ----------------------------------------------------------------------------- low precision
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [0, 2])
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_low_precision_vs_eager(ops, dtype, causal):
     """Error vs float64 at most 2x (out) / 3x (grads) that of plain eager attention in dtype."""
     B, H, Sq, Sk, D = 2, 4, 97, 130, 64
-    q, k, v = hf_layout(B, H, Sq, D, dtype), hf_layout(B, H, Sk, D, dtype), hf_layout(B, H, Sk, D, dtype)
-    mask = padding_mask([130, 77], Sk, left=True)
+    q, k, v = hf_qkv(B, H, H, Sq, Sk, D, dtype)
+    mask = padding_mask(B, Sk, "left", lengths=[130, 77])
     dout = torch.randn(B, H, Sq, D, dtype=dtype)
     out, lse = call(ops, q, k, v, mask, causal)
     dq, dk, dv = call_backward(ops, dout, q, k, v, out, lse, mask, causal)
     assert out.dtype == dq.dtype == dtype
-    ro, _, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal)
-    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    eo, _ = attention_math(qe, ke, ve, mask=mask, causal=causal)
-    eo.backward(dout)
+    ro, _, (rdq, rdk, rdv) = truth(q, k, v, dout, key_padding_mask=mask, causal=causal)
+    eo, (edq, edk, edv) = eager(q, k, v, dout, key_padding_mask=mask, causal=causal)
     err = lambda a, b: (a.double() - b).abs().max().item()
     assert err(out, ro) <= 2 * err(eo, ro) + 1e-6
-    for got, eager, want in ((dq, qe.grad, rdq), (dk, ke.grad, rdk), (dv, ve.grad, rdv)):
-        assert err(got, want) <= 3 * err(eager, want) + 1e-6
+    for got, ref, want in ((dq, edq, rdq), (dk, edk, rdk), (dv, edv, rdv)):
+        assert err(got, want) <= 3 * err(ref, want) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rows_longer_than_the_stash(ops, dtype):
+    """16-bit backward of rows seeing more than the 4096 keys the kernel keeps P / dP for
+    between its two passes (the second pass recomputes them): same 3x rule."""
+    B, H, Sq, Sk, D = 1, 2, 65, 4500, 16
+    q, k, v = hf_qkv(B, H, H, Sq, Sk, D, dtype)
+    q = (q.float() * 3).to(dtype)  # peaked
+    mask = padding_mask(B, Sk, "left", lengths=[Sk - 100])
+    dout = torch.randn(B, H, Sq, D, dtype=dtype)
+    out, lse = call(ops, q, k, v, mask)
+    grads = call_backward(ops, dout, q, k, v, out, lse, mask)
+    _, _, want = truth(q, k, v, dout, key_padding_mask=mask)
+    _, ref = eager(q, k, v, dout, key_padding_mask=mask)
+    err = lambda a, b: (a.double() - b).abs().max().item()
+    for got, eager_grad, truth_grad in zip(grads, ref, want):
+        assert err(got, truth_grad) <= 3 * err(eager_grad, truth_grad) + 1e-6
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -303,28 +261,26 @@ def test_cuda_dropout_mask_matches_cpu(ops, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.backend("cuda")
-@pytest.mark.parametrize("D,causal", [(64, 2), (128, 1)])
+@pytest.mark.parametrize("D,causal", [(64, "bottom_right"), (128, True)])
 def test_cuda_forward_backward(ops, D, causal):
     """HF-strided bf16 views, left padding, grouped-query heads, dropout: vs float64 with the CPU kernel's mask."""
     cuda_kernels(ops)
     B, Hq, Hk, Sq, Sk, p, seed = 2, 4, 2, 97, 130, 0.1, 5
-    q, k, v = hf_layout(B, Hq, Sq, D), hf_layout(B, Hk, Sk, D), hf_layout(B, Hk, Sk, D)
-    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    mask = padding_mask([130, 60], Sk, left=True)
+    q, k, v = hf_qkv(B, Hq, Hk, Sq, Sk, D, torch.bfloat16)
+    mask = padding_mask(B, Sk, "left", lengths=[130, 60])
     dout = torch.randn(B, Hq, Sq, D, dtype=torch.bfloat16)
     # the CPU kernel's mask for these coordinates (same hash), read back with D = Sk
     eye = torch.eye(Sk).expand(B, Hk, Sk, Sk).contiguous()
     probe, _ = call(ops, torch.zeros(B, Hq, Sq, Sk), eye, eye, mask, p=p, seed=seed)
-    cpu_keep = probe.double() * mask.sum(-1).double()[:, None, None, None]
+    keep = probe > 0
     dev = lambda t: t.cuda() if t is not None else None
     out, lse = call(ops, dev(q), dev(k), dev(v), dev(mask), causal, p=p, seed=seed)
     dq, dk, dv = call_backward(ops, dev(dout), dev(q), dev(k), dev(v), out, lse, dev(mask), causal, p=p, seed=seed)
-    ro, rl, rdq, rdk, rdv = reference(q, k, v, dout, mask=mask, causal=causal, keep=cpu_keep)
-    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    eo, _ = attention_math(qe, ke, ve, mask=mask, causal=causal, keep=cpu_keep)
-    eo.backward(dout)
+    kw = dict(key_padding_mask=mask, causal=causal, keep=keep, dropout_p=p)
+    ro, rl, (rdq, rdk, rdv) = truth(q, k, v, dout, **kw)
+    eo, (edq, edk, edv) = eager(q, k, v, dout, **kw)
     err = lambda a, b: (a.cpu().double() - b).abs().max().item()
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(rl))
     assert err(out, ro) <= 2 * err(eo, ro) + 1e-6
-    for got, eager, want in ((dq, qe.grad, rdq), (dk, ke.grad, rdk), (dv, ve.grad, rdv)):
-        assert err(got, want) <= 3 * err(eager, want) + 1e-6
+    for got, ref, want in ((dq, edq, rdq), (dk, edk, rdk), (dv, edv, rdv)):
+        assert err(got, want) <= 3 * err(ref, want) + 1e-6

@@ -17,12 +17,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _attention_targets import assert_close, expected_attention, target_skip_reason, visible_mask
+from _attention_targets import assert_close, target_skip_reason
+from _attention_truth import attention_math, cu_seqlens, expected_attention, visible
 from _backends import require_backend
 from _cross_entropy_truth import IGNORE, ce64, lce64
 from _fuzz import examples
 from test_softmax import assert_close_to_truth, expected as softmax64
-from test_varlen_attention import expected_sequence
 
 from fastlm.ops.attention import attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
@@ -116,16 +116,16 @@ def check_attention(backend, c):
     mask = _padding(c["padding"], c["batch"], c["sk"], gen)
     out = attention(q, k, v, key_padding_mask=mask, causal=c["causal"], window=c["window"], scale=c["scale"],
                     backend=backend)
-    visible = visible_mask(c["sq"], c["sk"], c["causal"], mask, window=c["window"])
-    want = expected_attention(q, k, v, visible, c["scale"])
+    vis = visible(c["sq"], c["sk"], causal=c["causal"], key_padding_mask=mask, window=c["window"])
+    want = expected_attention(q, k, v, vis, c["scale"])
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, want, 1e-4, "out")
     dout = torch.randn(out.shape, generator=gen)
     got_grads, want_grads = _grads(out, (q, k, v), dout), _grads(want, (q, k, v), dout.double())
     for name, got, ref in zip("qkv", got_grads, want_grads):
         assert_close(got, ref, 1e-4, f"d{name}")
-    blind_rows = ~visible.any(-1, keepdim=True).expand(-1, c["hq"], -1, -1)  # queries that see no key
-    unseen = ~visible.any(-2).expand(-1, c["hk"], -1)[..., None]              # keys no query sees
+    blind_rows = ~vis.any(-1, keepdim=True).expand(-1, c["hq"], -1, -1)  # queries that see no key
+    unseen = ~vis.any(-2).expand(-1, c["hk"], -1)[..., None]              # keys no query sees
     _assert_zero_where(out, blind_rows, "output of a query that sees no key")
     _assert_zero_where(got_grads[0], blind_rows, "dq of a query that sees no key")
     for name, g in (("dk", got_grads[1]), ("dv", got_grads[2])):
@@ -159,17 +159,11 @@ def check_varlen(backend, c):
     k = torch.randn(tk, c["hk"], c["d"], generator=gen).requires_grad_()
     v = torch.randn(tk, c["hk"], c["d"], generator=gen).requires_grad_()
 
-    def cu(lengths):
-        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-    cu_q, cu_k = cu(c["lengths_q"]), cu(c["lengths_k"])
+    cu_q, cu_k = cu_seqlens(c["lengths_q"]), cu_seqlens(c["lengths_k"])
     out = varlen_attention(q, k, v, cu_q, cu_k, max(c["lengths_q"]) + c["slack"], max(c["lengths_k"]) + c["slack"],
                            causal=c["causal"], window=c["window"], scale=c["scale"], backend=backend)
-    pieces = []
-    for i in range(len(c["lengths_q"])):
-        rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
-        pieces.append(expected_sequence(q[rq], k[rk], v[rk], c["causal"], c["scale"], window=c["window"]))
-    want = torch.cat(pieces)
+    want = attention_math(*(t.double() for t in (q, k, v)), cu_seqlens=(cu_q, cu_k), causal=c["causal"],
+                          window=c["window"], scale=c["scale"])[0]
     assert out.shape == q.shape
     assert_close(out, want, 1e-4, "out")
     dout = torch.randn(out.shape, generator=gen)

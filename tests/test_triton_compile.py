@@ -1,5 +1,6 @@
 """The Triton kernels as a GPU compiler sees them: every launch a set of representative op
-calls makes under the interpreter, compiled for sm_90 (the H200) without a GPU.
+calls makes under the interpreter, compiled for sm_90 (the H200) without a GPU, and the
+autotune pruners' shared-memory estimates checked against what the compiler allocates.
 
 ``TRITON_INTERPRET=1`` runs the kernels' Python semantics on NumPy; it does not type-check
 them the way the compiler does (integer widths in loop bounds, constexpr use, layouts,
@@ -99,23 +100,37 @@ def _describe(fn, args, kwargs) -> str:
 
 COMPILE = textwrap.dedent("""
     import json, sys, importlib
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8,
+              "i32": torch.int32, "i64": torch.int64, "i1": torch.bool, "i8": torch.int8}
     failures, count, seen = [], 0, set()
     for line in sys.stdin:
         launch = json.loads(line)
         fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
         # Autotuned kernels: the interpreter ran one tiny config; a GPU runs these.  Every
-        # launch gets the first GPU config, each kernel's first launch all of them.
-        configs = [None]
+        # launch gets the first GPU config, each kernel's first launch all of them and the
+        # num_stages=1 copies (the pruner's fallback) of the first and the smallest.  A pruner's
+        # shared-memory estimate must bound what the compiler allocates, or pruning could keep
+        # a config the GPU refuses.
+        configs, estimate = [None], None
         while not isinstance(fn, triton.runtime.JITFunction):  # autotuner / heuristics wrappers
             configs = getattr(fn, "configs", None) or configs
+            estimate = getattr(getattr(fn, "early_config_prune", None), "shared_bytes", None) or estimate
             fn = fn.fn
         if configs[0] is not None and launch["kernel"] in seen:
             configs = configs[:1]
+        elif configs[0] is not None:
+            configs = configs + [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)
+                                 for c in (configs[0], configs[-1])]
         seen.add(launch["kernel"])
+        if launch["constexprs"].get("DOT_PRECISION") == "widen":  # the interpreter-only bf16 products of
+            launch["constexprs"]["DOT_PRECISION"] = "tf32"       # kernels/_flash.py's mma: a GPU runs "tf32"
+        pointers = {name: torch.empty(0, dtype=DTYPES[t[1:]]) for name, t in launch["signature"].items()
+                    if t.startswith("*")}
         for config in configs:
             constexprs, options = dict(launch["constexprs"]), dict(launch["options"])
             if config is not None:
@@ -123,10 +138,15 @@ COMPILE = textwrap.dedent("""
                 options.update(num_warps=config.num_warps, num_stages=config.num_stages)
             source = ASTSource(fn, launch["signature"], constexprs=constexprs)
             count += 1
+            what = f"{launch['kernel']} {constexprs} {options}"
             try:
-                triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+                kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
             except Exception as exc:  # report every failing launch, not only the first
-                failures.append(f"{launch['kernel']} {constexprs} {options}: {type(exc).__name__}: {exc}")
+                failures.append(f"{what}: {type(exc).__name__}: {exc}")
+                continue
+            if estimate is not None and estimate(config, pointers, constexprs) < kernel.metadata.shared:
+                failures.append(f"{what}: shared memory estimate {estimate(config, pointers, constexprs)} "
+                                f"< {kernel.metadata.shared} compiled")
     print(json.dumps({"compiled": count, "failures": failures}))
 """)
 

@@ -1,47 +1,13 @@
 """fastlm.ops.varlen_attention (packed sequences) against float64 attention per sequence,
 and against the padded op on the same sequences."""
-import math
-
 import pytest
 import torch
 
 from fastlm.ops.attention import attention, varlen_attention
 
-# fixtures (target, _no_tf32), checks and the float64 truth shared with test_attention.py
-from _attention_targets import (_no_tf32, assert_close, assert_within_eager, expected_attention,  # noqa: F401
-                                target, visible_mask)
-
-
-def expected_sequence(q, k, v, causal=False, scale=None, keep=None, dropout_p=0.0, window=None):
-    """float64 attention of one sequence: q (Lq, Hq, D), k/v (Lk, Hk, D) -> (Lq, Hq, D): the
-    padded truth on a batch of one.  ``keep`` (Hq, Lq, Lk) is an explicit dropout mask."""
-    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
-    visible = visible_mask(q.shape[0], k.shape[0], causal, device=q.device, window=window)
-    out = expected_attention(qb, kb, vb, visible, scale, None if keep is None else keep[None], dropout_p)
-    return out[0].transpose(0, 1)
-
-
-def pack(lengths_q, lengths_k, hq, hk, d, dtype=torch.float32, requires_grad=True, device="cpu"):
-    """Random packed q, k, v, their int32 cu_seqlens and max lengths."""
-    def cu(lengths):
-        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
-    q = torch.randn(sum(lengths_q), hq, d, dtype=dtype, device=device, requires_grad=requires_grad)
-    k = torch.randn(sum(lengths_k), hk, d, dtype=dtype, device=device, requires_grad=requires_grad)
-    v = torch.randn(sum(lengths_k), hk, d, dtype=dtype, device=device, requires_grad=requires_grad)
-    return q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k)
-
-
-def spans(cu_q, cu_k):
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    return [(slice(cq[n], cq[n + 1]), slice(ck[n], ck[n + 1])) for n in range(len(cq) - 1)]
-
-
-def expected_packed(q, k, v, cu_q, cu_k, causal=False, keep=None, dropout_p=0.0, window=None):
-    return torch.cat([expected_sequence(q[rq], k[rk], v[rk], causal, keep=None if keep is None else keep[n],
-                                        dropout_p=dropout_p, window=window)
-                      for n, (rq, rk) in enumerate(spans(cu_q, cu_k))])
+# fixtures (target, _no_tf32) and checks shared with test_attention.py
+from _attention_targets import _no_tf32, assert_close, assert_within_eager, target  # noqa: F401
+from _attention_truth import eager, pack, spans, truth
 
 
 # (lengths_q, lengths_k, heads_q, heads_kv, head_dim, causal)
@@ -65,11 +31,10 @@ def test_packed_matches_float64(target, case):
     target.require(q, k, causal, packed=True)
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=target.backend)
     assert out.shape == q.shape and out.dtype == q.dtype
-    expected = expected_packed(q, k, v, cu_q, cu_k, causal)
-    assert_close(out, expected, 1e-4, "out")
     dout = torch.randn_like(out)
+    expected, _, want = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=causal)
+    assert_close(out, expected, 1e-4, "out")
     got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(expected, (q, k, v), dout)
     for name, g, w in zip("qkv", got, want):
         assert_close(g, w, 1e-4, f"d{name}")
 
@@ -94,12 +59,28 @@ def test_packed_sliding_window_matches_float64(target, case):
     q, k, v, cu_q, cu_k, mq, mk = pack(lengths_q, lengths_k, hq, hk, d, device=target.device)
     target.require(q, k, causal, packed=True, window=window)
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window, backend=target.backend)
-    expected = expected_packed(q, k, v, cu_q, cu_k, causal, window=window)
-    assert_close(out, expected, 1e-4, "out")
     dout = torch.randn_like(out)
-    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout),
-                          torch.autograd.grad(expected, (q, k, v), dout)):
+    expected, _, want = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=causal, window=window)
+    assert_close(out, expected, 1e-4, "out")
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout), want):
         assert_close(g, w, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_packed_keys_with_token_stride_zero(target, causal):
+    """Packed keys/values expanded over the tokens (a token stride of 0, below head_dim:
+    BLAS rejects it as a leading dimension)."""
+    lengths_q, lengths_k, h, d = [3, 9, 1], [5, 70, 2], 2, 64
+    q, _, _, cu_q, cu_k, mq, mk = pack(lengths_q, lengths_k, h, h, d, device=target.device)
+    k, v = (torch.randn(1, h, d, device=target.device, requires_grad=True).expand(sum(lengths_k), h, d)
+            for _ in range(2))
+    target.require(q, k, causal, packed=True)
+    out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=target.backend)
+    dout = torch.randn_like(out)
+    expected, _, want = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=causal)
+    assert_close(out, expected, 1e-5, "out")
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout), want):
+        assert_close(g, w, 1e-5, f"d{name}")
 
 
 def test_packed_window_equals_padded_window(target):
@@ -131,21 +112,11 @@ def test_packed_low_precision_error_within_eager(target, dtype):
     q, k, v, cu_q, cu_k, mq, mk = pack(lengths, lengths, hq, hk, d, dtype=dtype, device=target.device)
     target.require(q, k, True, packed=True)
     dout = torch.randn_like(q)
-    truth = expected_packed(q, k, v, cu_q, cu_k, causal=True)
-    eager_parts = []
-    for rq, rk in spans(cu_q, cu_k):
-        qs, ks, vs = (t.transpose(0, 1) for t in (q[rq], k[rk].repeat_interleave(hq // hk, 1),
-                                                  v[rk].repeat_interleave(hq // hk, 1)))
-        scores = qs @ ks.transpose(-1, -2) * (1.0 / math.sqrt(d))
-        n = scores.shape[-1]
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        eager_parts.append((torch.softmax(scores, -1) @ vs).transpose(0, 1))
-    eager = torch.cat(eager_parts)
+    truth_out, _, truth_grads = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=True)
+    eager_out, eager_grads = eager(q, k, v, dout, cu_seqlens=(cu_q, cu_k), causal=True)
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=target.backend)
     assert out.dtype == dtype
-    assert_within_eager(out, eager, truth, 2, "out")
-    truth_grads = torch.autograd.grad(truth, (q, k, v), dout.double())
-    eager_grads = torch.autograd.grad(eager, (q, k, v), dout)
+    assert_within_eager(out, eager_out, truth_out, 2, "out")
     for name, got, want, ref in zip("qkv", torch.autograd.grad(out, (q, k, v), dout), truth_grads, eager_grads):
         assert_within_eager(got, ref, want, 3, f"d{name}")
 
@@ -175,7 +146,7 @@ def test_empty_key_sequence_gives_zeros(target):
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
     assert (out[3:] == 0).all() and (dq[3:] == 0).all()
-    assert_close(out, expected_packed(q, k, v, cu_q, cu_k), 1e-5, "out")
+    assert_close(out, truth(q, k, v, cu_seqlens=(cu_q, cu_k))[0], 1e-5, "out")
 
 
 def test_packed_dropout_forward_and_backward_use_one_mask(target):
@@ -192,11 +163,10 @@ def test_packed_dropout_forward_and_backward_use_one_mask(target):
     assert 0.5 < rate < 0.9, f"keep rate {rate}"
     torch.manual_seed(seed)
     out = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=target.backend)
-    expected = expected_packed(q, k, v, cu_q, cu_k, keep=keep, dropout_p=p)
-    assert_close(out, expected, 1e-4, "out")
     dout = torch.randn_like(out)
-    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout),
-                          torch.autograd.grad(expected, (q, k, v), dout)):
+    expected, _, want = truth(q, k, v, dout, cu_seqlens=(cu_q, cu_k), keep=keep, dropout_p=p)
+    assert_close(out, expected, 1e-4, "out")
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout), want):
         assert_close(g, w, 1e-4, f"d{name}")
     torch.manual_seed(seed)
     again = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, backend=target.backend)

@@ -7,7 +7,9 @@
 //   rescaled by exp(m_old - m_new)), then acc += P V.  lse = m + log(l) is saved.
 // * backward: at::parallel_for over (sequence, kv head); every query head of the
 //   group and every query block recomputes P = exp(S - lse) per tile, then
-//   dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
+//   dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dQ += dS K, dK += dS^T Q, with
+//   delta = rowsum(dO * O) for fp32 and rowsum(P * dP) over a first pass for 16-bit
+//   inputs (see "backward" below for why).
 //   dK/dV of a kv head sum over its query heads in fp32 (grouped-query attention).
 // * key blocks that no query of the block can see are skipped: keys outside the
 //   first..last attended key of the padding mask (left or right padding), key
@@ -20,7 +22,7 @@
 // * low precision (bf16/fp16) K and V are converted to fp32 once per (sequence,
 //   kv head) and thread, Q and dO once per query block; all accumulation is fp32.
 // * dropout multiplies the normalised probabilities by keep / (1 - p); the keep
-//   bit is a hash of (seed, sequence, head, query, key) (csrc/cuda/attention.h),
+//   bit is a hash of (seed, sequence, head, query, key) (csrc/common/dropout.h),
 //   so the backward regenerates the forward's mask.
 // * a query row that sees no key outputs 0, lse = -inf and gets zero gradients.
 //
@@ -39,152 +41,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "../cuda/attention.h"
-
-#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-#define FASTLM_HAVE_WEAK_SGEMM 1
-#endif
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTLM_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLM_MULTIVERSION
-#endif
+#include "../common/dropout.h"
+#include "attention_rows.h"
 
 namespace {
 
 using at::Tensor;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockQ = 64;   // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile
-
-// ------------------------------------------------------------------ matrix products
-// Row-major C[M,N] = alpha * op(A) op(B) + beta * C, op(A) is M x K, op(B) is K x N.
-// (A row-major matrix is the column-major transpose, so C^T = op(B)^T op(A)^T.)
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-#ifdef FASTLM_HAVE_WEAK_SGEMM
-  if (sgemm_ != nullptr && K > 0) {
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    return;
-  }
-#endif
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  Tensor a = ta ? at::from_blob(const_cast<float*>(A), {K, M}, {lda, 1}, opts).t()
-                : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
-  Tensor b = tb ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
-                : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
-  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  c.addmm_(a, b, beta, alpha);  // beta == 0 ignores c's old contents
-}
-
-// ------------------------------------------------------------------ elementwise kernels
-// exp for the softmax: Cody-Waite reduction + degree-6 polynomial (about 1 ulp),
-// branch-free so the compiler vectorises it; exp(-inf) = 0 exactly.
-inline __attribute__((always_inline)) float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  // round to nearest through the 1.5 * 2^23 trick (vectorises without SSE4.1's round)
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = xc - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
-// Masks one row of scores (keys outside [valid_begin, valid_end) and keys the padding
-// mask hides become -inf), updates the running max / sum and overwrites the row with
-// exp(s - new max).  Returns the factor exp(old max - new max) the accumulator
-// must be rescaled by.  A row that has seen no key yet keeps m = -inf, l = 0, P = 0.
-FASTLM_MULTIVERSION
-float online_softmax_row(float* s, int64_t n, int64_t valid_begin, int64_t valid_end, const bool* key_ok, float& m,
-                         float& l) {
-  float mx = m;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) {
-    const bool ok = j >= valid_begin && j < valid_end && (key_ok == nullptr || key_ok[j]);
-    const float x = ok ? s[j] : kNegInf;
-    s[j] = x;
-    mx = std::max(mx, x);
-  }
-  if (mx == kNegInf) {
-    std::fill(s, s + n, 0.0f);
-    return 1.0f;
-  }
-  const float alpha = fast_exp(m - mx);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = fast_exp(s[j] - mx);
-    s[j] = e;
-    sum += e;
-  }
-  m = mx;
-  l = l * alpha + sum;
-  return alpha;
-}
-
-// Backward: P = exp(s - lse) on visible keys, 0 elsewhere (and 0 for a row with lse = -inf).
-FASTLM_MULTIVERSION
-void probs_row(float* s, int64_t n, int64_t valid_begin, int64_t valid_end, const bool* key_ok, float lse) {
-  if (lse == kNegInf) {
-    std::fill(s, s + n, 0.0f);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const bool ok = j >= valid_begin && j < valid_end && (key_ok == nullptr || key_ok[j]);
-    s[j] = ok ? fast_exp(s[j] - lse) : 0.0f;
-  }
-}
-
-// dS = P * (dP - delta), in place in dp.
-FASTLM_MULTIVERSION
-void dscores_row(const float* p, float* dp, int64_t n, float delta) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
-}
-
-FASTLM_MULTIVERSION
-void scale_row(float* x, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) x[j] *= a;
-}
-
-// Dropout of one probability row in place: p * keep / (1 - p_drop).
-void dropout_row(float* p, int64_t n, uint64_t row_key, int64_t key0, uint32_t threshold, float keep_scale) {
-  for (int64_t j = 0; j < n; ++j)
-    p[j] = fastlm_attn_keep(row_key, static_cast<uint64_t>(key0 + j), threshold) ? p[j] * keep_scale : 0.0f;
-}
-
-// rowsum(dO * O) for the backward's softmax term.
-template <typename T>
-float row_dot(const float* a, const T* b, int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += a[j] * static_cast<float>(b[j]);
-  return sum;
-}
-
-template <typename T>
-void load_row(const T* src, int64_t n, float a, float* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = a * static_cast<float>(src[j]);
-}
-
-template <typename T>
-void store_row(const float* src, int64_t n, float a, T* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(a * src[j]);
-}
 
 // ------------------------------------------------------------------ problem geometry
 // Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand is
@@ -257,6 +121,7 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
   const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
   const int64_t qblocks = (g.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t items = g.nseq * g.heads_q * qblocks;
+  const bool in_place = std::is_same_v<T, float> && blas_leading_dim_ok(lk.row, D) && blas_leading_dim_ok(lv.row, D);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(kBlockQ * D), kf, vf, s(kBlockQ * kBlockK), acc(kBlockQ * D);
     int64_t converted = -1;  // the (sequence, kv head) whose K/V kf/vf hold in fp32
@@ -272,9 +137,10 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
       const T* vp = v + n * lv.batch + hk * lv.head + g.k0(n) * lv.row;
       int64_t kmin, kmax;
       g.key_range(n, kmin, kmax);
-      // 16-bit K/V: converted to fp32 once per (sequence, kv head) and thread; the
-      // items of a thread are consecutive query blocks and heads, so they reuse it
-      if (!std::is_same_v<T, float> && converted != n * g.heads_k + hk) {
+      // 16-bit K/V (and fp32 ones BLAS cannot read in place): converted to fp32 once per
+      // (sequence, kv head) and thread; the items of a thread are consecutive query
+      // blocks and heads, so they reuse it
+      if (!in_place && converted != n * g.heads_k + hk) {
         converted = n * g.heads_k + hk;
         kf.resize(g.len_k(n) * D);
         vf.resize(g.len_k(n) * D);
@@ -297,14 +163,14 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
         bool hidden;
         const bool* key_ok = g.block_mask(n, kb, N, hidden);
         if (hidden) continue;
-        // fp32 operands feed the products in place
-        const float *kt, *vt;
-        int64_t ldk, ldv;
+        const float* kt = kf.data() + kb * D;
+        const float* vt = vf.data() + kb * D;
+        int64_t ldk = D, ldv = D;
         if constexpr (std::is_same_v<T, float>) {
-          kt = kp + kb * lk.row, ldk = lk.row;
-          vt = vp + kb * lv.row, ldv = lv.row;
-        } else {
-          kt = kf.data() + kb * D, vt = vf.data() + kb * D, ldk = ldv = D;
+          if (in_place) {  // fp32 operands feed the products where they are
+            kt = kp + kb * lk.row, ldk = lk.row;
+            vt = vp + kb * lv.row, ldv = lv.row;
+          }
         }
         gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, ldk, 0.0f, s.data(), kBlockK);
         for (int64_t r = 0; r < M; ++r) {
@@ -330,15 +196,30 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
 }
 
 // ------------------------------------------------------------------ backward
+// The softmax term of the backward, delta_i = sum_j P_ij dP_ij (dP after dropout), equals
+// dO_i . O_i.  From fp32 output that product is exact enough.  From a 16-bit output it is
+// not: O's rounding (2^-11 relative in fp16) enters every dS_ij = P_ij (dP_ij - delta_i)
+// and, when a query sees one or two keys or its softmax is peaked (dP_ij ~ delta_i), it
+// dominates dQ/dK (4-10x plain PyTorch's own error measured).  So for 16-bit inputs delta
+// comes from the fp32 P and dP tiles: a first pass over the query block's keys computes
+// S and dO V^T (the two products the gradient pass needs anyway) and keeps them, up to
+// kStashKeys keys per row (64 x 4096 fp32 x 2-3 tiles = 2-3 MiB per thread); the second
+// pass reuses them, so no product is computed twice.  A longer row recomputes the two
+// products in the second pass (+40% of the backward's matmuls) rather than holding
+// O(rows x keys) memory.  Saving an fp32 copy of O in the forward instead would add a
+// tensor the size of O to what every layer keeps for its backward.
+constexpr int64_t kStashKeys = 4096;
+
 template <typename T>
 void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
                      const T* v, Layout lv, const T* out, Layout lo, const float* lse, Layout ll, T* dq, Layout ldq,
                      T* dk, Layout ldk, T* dv, Layout ldv) {
   const int64_t D = g.head_dim, group = g.heads_q / g.heads_k;
+  constexpr bool exact_delta = !std::is_same_v<T, float>;  // see above
+  const bool dropout = g.drop_threshold != 0;
   at::parallel_for(0, g.nseq * g.heads_k, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf, vf, dkf, dvf;
-    std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D), p(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
+    std::vector<float> kf, vf, dkf, dvf, p, dp, pd;
+    std::vector<float> qf(kBlockQ * D), dof(kBlockQ * D), dqf(kBlockQ * D);
     float delta[kBlockQ], lrow[kBlockQ];
     int64_t row_begin[kBlockQ], row_end[kBlockQ];
     for (int64_t item = begin; item < end; ++item) {
@@ -367,44 +248,66 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
           for (int64_t r = 0; r < M; ++r) {
             load_row(qp + r * lq.row, D, g.scale, qf.data() + r * D);
             load_row(dop + r * ldo.row, D, 1.0f, dof.data() + r * D);
-            delta[r] = row_dot(dof.data() + r * D, op + r * lo.row, D);
+            delta[r] = exact_delta ? 0.0f : row_dot(dof.data() + r * D, op + r * lo.row, D);
             lrow[r] = lp[r * ll.row];
             row_begin[r] = g.key_begin(n, i0 + r, kmin);
             row_end[r] = g.key_end(n, i0 + r, kmax);
           }
           std::fill(dqf.begin(), dqf.begin() + M * D, 0.0f);
-          const int64_t block_end = row_end[M - 1];
-          for (int64_t kb = row_begin[0]; kb < block_end; kb += kBlockK) {
-            const int64_t N = std::min(kBlockK, block_end - kb);
-            bool hidden;
-            const bool* key_ok = g.block_mask(n, kb, N, hidden);
-            if (hidden) continue;
-            const float* kt = kf.data() + kb * D;
-            const float* vt = vf.data() + kb * D;
-            gemm(false, true, M, N, D, 1.0f, qf.data(), D, kt, D, 0.0f, p.data(), kBlockK);   // S
-            gemm(false, true, M, N, D, 1.0f, dof.data(), D, vt, D, 0.0f, dp.data(), kBlockK);  // dO V^T
-            const float* pv = p.data();  // the probabilities multiplying V in the forward
+          const int64_t block_begin = row_begin[0], block_end = row_end[M - 1];
+          // The tiles of keys [kb, kb + kBlockK) live at column kb - block_begin of the
+          // stash (row stride ld) when the whole row fits, else in one reused tile.
+          const bool stash = exact_delta && block_end - block_begin <= kStashKeys;
+          const int64_t ld = stash ? std::max<int64_t>(block_end - block_begin, 1) : kBlockK;
+          for (auto* buf : {&p, &dp}) buf->resize(M * ld);
+          if (dropout) pd.resize(M * ld);
+          auto col = [&](int64_t kb) { return stash ? kb - block_begin : 0; };
+          // P (undropped), dP (after dropout) and, with dropout, P * Z for dV: keys [kb, kb + N)
+          auto tile = [&](int64_t kb, int64_t N, const bool* key_ok) {
+            float* pt = p.data() + col(kb);
+            float* dpt = dp.data() + col(kb);
+            gemm(false, true, M, N, D, 1.0f, qf.data(), D, kf.data() + kb * D, D, 0.0f, pt, ld);   // S
+            gemm(false, true, M, N, D, 1.0f, dof.data(), D, vf.data() + kb * D, D, 0.0f, dpt, ld);  // dO V^T
             for (int64_t r = 0; r < M; ++r) {
-              float* pr = p.data() + r * kBlockK;
-              float* dpr = dp.data() + r * kBlockK;
+              float* pr = pt + r * ld;
               probs_row(pr, N, row_begin[r] - kb, row_end[r] - kb, key_ok, lrow[r]);
-              if (g.drop_threshold) {
+              if (dropout) {
                 // forward used P * Z (Z = keep / (1 - p)); so dV takes P * Z and dP = Z * dO V^T
                 const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
-                float* pdr = pd.data() + r * kBlockK;
+                float* pdr = pd.data() + col(kb) + r * ld;
                 std::copy(pr, pr + N, pdr);
                 dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
-                dropout_row(dpr, N, key, kb, g.drop_threshold, g.drop_scale);
+                dropout_row(dpt + r * ld, N, key, kb, g.drop_threshold, g.drop_scale);
               }
             }
-            if (g.drop_threshold) pv = pd.data();
-            gemm(true, false, N, D, M, 1.0f, pv, kBlockK, dof.data(), D, 1.0f, dvf.data() + kb * D, D);
-            for (int64_t r = 0; r < M; ++r)
-              dscores_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, N, delta[r]);
-            // dS is w.r.t. the scaled scores: dQ = scale * dS K, dK = dS^T (scale * Q)
-            gemm(false, false, M, D, N, 1.0f, dp.data(), kBlockK, kt, D, 1.0f, dqf.data(), D);
-            gemm(true, false, N, D, M, 1.0f, dp.data(), kBlockK, qf.data(), D, 1.0f, dkf.data() + kb * D, D);
+          };
+          // Every key block a query of this block can see (the padding mask may hide whole blocks).
+          auto for_each_block = [&](auto&& body) {
+            for (int64_t kb = block_begin; kb < block_end; kb += kBlockK) {
+              const int64_t N = std::min(kBlockK, block_end - kb);
+              bool hidden;
+              const bool* key_ok = g.block_mask(n, kb, N, hidden);
+              if (!hidden) body(kb, N, key_ok);
+            }
+          };
+          if (exact_delta) {
+            for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+              tile(kb, N, key_ok);
+              for (int64_t r = 0; r < M; ++r)
+                delta[r] += dot_row(p.data() + col(kb) + r * ld, dp.data() + col(kb) + r * ld, N);
+            });
           }
+          for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+            if (!stash) tile(kb, N, key_ok);
+            float* pt = p.data() + col(kb);
+            float* dpt = dp.data() + col(kb);
+            const float* pv = dropout ? pd.data() + col(kb) : pt;  // the probabilities multiplying V
+            gemm(true, false, N, D, M, 1.0f, pv, ld, dof.data(), D, 1.0f, dvf.data() + kb * D, D);
+            for (int64_t r = 0; r < M; ++r) dscores_row(pt + r * ld, dpt + r * ld, N, delta[r]);
+            // dS is w.r.t. the scaled scores: dQ = scale * dS K, dK = dS^T (scale * Q)
+            gemm(false, false, M, D, N, 1.0f, dpt, ld, kf.data() + kb * D, D, 1.0f, dqf.data(), D);
+            gemm(true, false, N, D, M, 1.0f, dpt, ld, qf.data(), D, 1.0f, dkf.data() + kb * D, D);
+          });
           T* dqp = dq + n * ldq.batch + h * ldq.head + tok * ldq.row;
           for (int64_t r = 0; r < M; ++r) store_row(dqf.data() + r * D, D, g.scale, dqp + r * ldq.row);
         }
@@ -496,7 +399,7 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
   g.causal = causal;
   g.window = window;
   g.scale = static_cast<float>(scale);
-  g.drop_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
+  g.drop_threshold = dropout_p > 0.0 ? fastlm_dropout_threshold(dropout_p) : 0u;
   g.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   g.seed = static_cast<uint64_t>(seed);
   return g;

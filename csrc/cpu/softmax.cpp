@@ -16,7 +16,8 @@
 //
 // Dropout bits come from a counter-based hash of (seed, row, column): splitmix64 of
 // a per-row key stepped by the column pair gives two 32-bit uniforms per hash; a
-// column is kept when its uniform >= p * 2^32.  The backward regenerates the mask.
+// column is kept when its uniform >= p * 2^32 (csrc/common/dropout.h, shared with the
+// CUDA kernel).  The backward regenerates the mask.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,6 +32,12 @@
 #include <limits>
 #include <vector>
 
+// The baseline build of softmax_rows.h passes 32-byte vectors between inlined helpers
+// (dropout.h's fastlm_mix64 among them).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "../common/dropout.h"
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FASTLM_X86_CLONES 1
 #include <immintrin.h>  // F16C conversions in the AVX2 build of softmax_rows.h
@@ -38,8 +45,6 @@
 
 namespace {
 
-// The baseline build of softmax_rows.h passes 32-byte vectors between inlined helpers.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #define FASTLM_INLINE inline __attribute__((always_inline))
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -59,8 +64,6 @@ struct Bf16 { using storage = uint16_t; };
 struct F16 { using storage = uint16_t; };
 
 // ------------------------------------------------------------------------- dropout
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
 struct Dropout {
   bool on = false;
   uint64_t seed = 0;
@@ -71,7 +74,7 @@ struct Dropout {
     if (p <= 0.0) return;
     on = true;
     seed = uint64_t(seed_value);
-    threshold = uint32_t(std::min(std::llround(p * 4294967296.0), 4294967295LL));
+    threshold = fastlm_dropout_threshold(p);
     keep_scale = float(1.0 / (1.0 - p));
   }
 };

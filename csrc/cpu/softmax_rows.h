@@ -166,21 +166,14 @@ struct DoubleSum {
 };
 
 // ------------------------------------------------------------------------- dropout
-template <class U>
-FASTLM_INLINE U mix64(U z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 // Row `row`'s multipliers (0 or 1/(1-p)) for columns [0, n) into mult (padded to W).
 // Column 2j takes the low and 2j+1 the high half of mix64(key + j * golden); on a
 // little-endian machine a vector of 4 hashes read as 8 uint32 is columns 2j..2j+7.
 FASTLM_INLINE void row_multipliers(const Dropout& d, int64_t row, int64_t n, float* mult) {
-  const uint64_t key = mix64(d.seed + uint64_t(row) * kGolden);
+  const uint64_t key = fastlm_softmax_dropout_row(d.seed, uint64_t(row));
   for (int64_t c = 0; c < n; c += W) {
     const q4 j = q4{0, 1, 2, 3} + uint64_t(c / 2);
-    const u8 r = (u8)mix64(key + j * kGolden);
+    const u8 r = (u8)fastlm_mix64(key + j * kFastlmGolden);
     const f8 m = sel((i8)(r >= d.threshold), splat(d.keep_scale), f8{});
     std::memcpy(mult + c, &m, sizeof(m));
   }

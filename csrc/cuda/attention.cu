@@ -7,23 +7,20 @@
 // sm_80+ (mma.sync.aligned.m16n8k16, fp32 accumulation), fp16 and bf16, head_dim 64
 // or 128; padded (B, H, S, D) with an optional key padding mask, or packed (T, H, D)
 // with cu_seqlens; causal top-left / bottom-right; grouped-query heads; dropout from
-// the counter-based hash in attention.h (the CPU kernel draws the same bits).
+// the counter-based hash in csrc/common/dropout.h (the CPU kernel draws the same bits).
 //
-// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), all used below:
-//   A (16x16, row): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
-//   B (16x8, col):  reg0 = B[2t..2t+1][g],  reg1 = B[2t+8..2t+9][g]
-//   C (16x8, f32):  c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
-// So the C fragments of two adjacent n-tiles of a score tile are exactly the A
-// fragment of the next product (P V, P^T dO, dS^T Q) once packed to 16 bits: scores
-// never leave registers on their way from one product to the next.
+// Tensor-core fragments and shared-memory operands (and why scores never leave registers
+// between two products): mma.cuh.
 //
 // Forward: one CTA (4 warps) per (64 query rows, query head, sequence); each warp owns
 // 16 query rows.  K/V tiles of 64 keys are staged in shared memory; online softmax in
 // registers (row statistics reduced across the 4 lanes sharing a row).
-// Backward (FlashAttention-2 order): one CTA per (64 keys, query head, sequence); each
+// Backward (FlashAttention-2 order): delta_i = sum_j P_ij dP_ij from a sweep over the keys
+// (attention_delta_kernel says why), then one CTA per (64 keys, query head, sequence); each
 // warp owns 16 keys and accumulates their dK, dV in registers over all query blocks;
 // dQ goes through fp32 atomics into a scratch buffer.  dK/dV partials are written per
-// query head in fp32 and summed over the group (grouped-query) by a small kernel.
+// query head in fp32 and summed over the group (grouped-query) by a small kernel.  The
+// fp32 scratch is O(tokens): packed sequences index it by token (attention.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,6 +28,7 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "mma.cuh"
 
 namespace {
 
@@ -38,68 +36,6 @@ constexpr int kBlockM = 64;  // query rows per CTA (forward) / per step (backwar
 constexpr int kBlockN = 64;  // keys per step (forward) / per CTA (backward)
 constexpr int kThreads = 128;
 constexpr int kPad = 8;  // 16-bit elements of padding per shared-memory row (bank spread)
-
-// ------------------------------------------------------------------ 16-bit types
-struct Fp16 {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-struct Bf16 {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(uint16_t bits) {
-    return __bfloat162float(__ushort_as_bfloat16(bits));
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-// ------------------------------------------------------------------ shared-memory operands
-// A tile of R rows x C 16-bit elements in shared memory, row stride C + kPad.
-struct Smem {
-  uint16_t* p;
-  int ld;
-  __device__ __forceinline__ uint32_t pair(int r, int c) const {  // elements (r, c), (r, c + 1); c even
-    return *reinterpret_cast<const uint32_t*>(p + r * ld + c);
-  }
-  __device__ __forceinline__ uint32_t column_pair(int r, int c) const {  // elements (r, c), (r + 1, c)
-    return static_cast<uint32_t>(p[r * ld + c]) | (static_cast<uint32_t>(p[(r + 1) * ld + c]) << 16);
-  }
-};
-
-// A fragment of rows [r0, r0 + 16), columns [k0, k0 + 16) of a row-major tile.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const Smem& s, int r0, int k0, int g, int t) {
-  a[0] = s.pair(r0 + g, k0 + 2 * t);
-  a[1] = s.pair(r0 + g + 8, k0 + 2 * t);
-  a[2] = s.pair(r0 + g, k0 + 2 * t + 8);
-  a[3] = s.pair(r0 + g + 8, k0 + 2 * t + 8);
-}
-// B fragment (k = [k0, k0+16), n = [n0, n0+8)) when B[k][n] = s(n, k) (s holds B^T row-major).
-__device__ __forceinline__ void load_b_t(uint32_t (&b)[2], const Smem& s, int k0, int n0, int g, int t) {
-  b[0] = s.pair(n0 + g, k0 + 2 * t);
-  b[1] = s.pair(n0 + g, k0 + 2 * t + 8);
-}
-// B fragment when B[k][n] = s(k, n) (s holds B row-major).
-__device__ __forceinline__ void load_b(uint32_t (&b)[2], const Smem& s, int k0, int n0, int g, int t) {
-  b[0] = s.column_pair(k0 + 2 * t, n0 + g);
-  b[1] = s.column_pair(k0 + 2 * t + 8, n0 + g);
-}
 
 // Copies rows [row0, row0 + 64) of one (sequence, head) of a 16-bit operand into shared
 // memory, 16 bytes per load; rows at or past `rows` are zero.  The glue guarantees
@@ -117,24 +53,43 @@ __device__ __forceinline__ void load_tile(Smem s, const uint16_t* base, int64_t 
 
 struct SeqInfo {
   int len_q, len_k;
-  int64_t tok_q, tok_k;  // token offset of the sequence (packed mode), 0 in padded mode
-  int shift;             // causal: query i sees keys j <= i + shift
+  int64_t tok_q, tok_k;          // token offset of the sequence (packed mode), 0 in padded mode
+  int64_t scratch_q, scratch_k;  // its first row in the fp32 backward scratch (attention.h)
+  int shift;                     // causal: query i sees keys j <= i + shift
 };
 
 __device__ __forceinline__ SeqInfo seq_info(const FastlmAttnParams& p, int n) {
   SeqInfo s;
   if (p.cu_seqlens_q) {
-    s.tok_q = p.cu_seqlens_q[n];
-    s.tok_k = p.cu_seqlens_k[n];
+    s.tok_q = s.scratch_q = p.cu_seqlens_q[n];
+    s.tok_k = s.scratch_k = p.cu_seqlens_k[n];
     s.len_q = p.cu_seqlens_q[n + 1] - p.cu_seqlens_q[n];
     s.len_k = p.cu_seqlens_k[n + 1] - p.cu_seqlens_k[n];
   } else {
     s.tok_q = s.tok_k = 0;
+    s.scratch_q = static_cast<int64_t>(n) * p.max_seqlen_q;
+    s.scratch_k = static_cast<int64_t>(n) * p.max_seqlen_k;
     s.len_q = p.max_seqlen_q;
     s.len_k = p.max_seqlen_k;
   }
   s.shift = p.causal == 2 ? s.len_k - s.len_q : 0;
   return s;
+}
+
+// Grids are one-dimensional, (blocks of a sequence) x heads x sequences on x (up to
+// 2^31 - 1 blocks; y and z stop at 65,535): which (sequence, head, block) this CTA owns.
+struct Work {
+  int n, h, block;
+};
+
+__device__ __forceinline__ Work work_of(int rows, int block_rows, int heads) {
+  const int blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t x = blockIdx.x;
+  return {static_cast<int>(x / blocks / heads), static_cast<int>(x / blocks % heads), static_cast<int>(x % blocks)};
+}
+
+inline dim3 grid_of(int rows, int block_rows, int heads, int nseq) {
+  return dim3(static_cast<unsigned>(static_cast<int64_t>((rows + block_rows - 1) / block_rows) * heads * nseq));
 }
 
 __device__ __forceinline__ const uint16_t* at(const void* base, const FastlmAttnStrides& st, int n, int h, int64_t tok) {
@@ -165,7 +120,8 @@ __device__ __forceinline__ bool load_key_valid(const FastlmAttnParams& p, const 
 // ------------------------------------------------------------------ forward
 template <typename Ty, int D>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const FastlmAttnParams p) {
-  const int n = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kBlockM;
+  const Work w = work_of(p.max_seqlen_q, kBlockM, p.heads_q);
+  const int n = w.n, h = w.h, q0 = w.block * kBlockM;
   const SeqInfo s = seq_info(p, n);
   if (q0 >= s.len_q) return;
   const int hk = h / (p.heads_q / p.heads_k);
@@ -201,19 +157,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Fastl
 
     // S = Q K^T for this warp's 16 rows x 64 keys
     float sc[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-      uint32_t a[4];
-      load_a(a, sq, warp * 16, kk, g, t);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        uint32_t b[2];
-        load_b_t(b, sk, kk, j * 8, g, t);
-        Ty::mma(sc[j], a, b);
-      }
-    }
+    product_nt<Ty, D>(sc, sq, sk, warp * 16, g, t);
     // scale, mask, online softmax
     float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -293,24 +237,77 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Fastl
 }
 
 // ------------------------------------------------------------------ backward
-// delta = rowsum(dO * O) in fp32, one warp per row.
+// delta_i = sum_j P_ij dP_ij (dP after dropout) in fp32, one CTA per 64 query rows: it
+// equals rowsum(dO * O), but O is stored in 16 bits and its rounding, carried into every
+// dS_ij = P_ij (dP_ij - delta_i), dominates dQ/dK when a query sees one or two keys or its
+// softmax is peaked.  The sweep over the keys (S = Q K^T and dO V^T, as the forward's
+// first product) costs about a forward pass; keeping an fp32 O from the forward instead
+// would add 4 bytes per output element to what every layer holds for its backward.
 template <typename Ty, int D>
-__global__ void attention_delta_kernel(const FastlmAttnParams p) {
-  const int n = blockIdx.z, h = blockIdx.y;
-  const int i = blockIdx.x * (kThreads / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(const FastlmAttnParams p) {
+  const Work w = work_of(p.max_seqlen_q, kBlockM, p.heads_q);
+  const int n = w.n, h = w.h, q0 = w.block * kBlockM;
   const SeqInfo s = seq_info(p, n);
-  if (i >= s.len_q) return;
-  const uint16_t* o = at(p.out, p.so, n, h, s.tok_q + i);
-  const uint16_t* d = at(p.dout, p.sdo, n, h, s.tok_q + i);
-  float acc = 0.f;
-  for (int c = lane; c < D; c += 32) acc += Ty::to_float(o[c]) * Ty::to_float(d[c]);
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) p.delta[n * p.slse.batch + h * p.slse.head + (s.tok_q + i) * p.slse.row] = acc;
+  if (q0 >= s.len_q) return;
+  const int hk = h / (p.heads_q / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem sq{reinterpret_cast<uint16_t*>(smem_raw), D + kPad};
+  Smem sdo{sq.p + kBlockM * sq.ld, D + kPad};
+  Smem sk{sdo.p + kBlockM * sdo.ld, D + kPad};
+  Smem sv{sk.p + kBlockN * sk.ld, D + kPad};
+  bool* key_valid = reinterpret_cast<bool*>(sv.p + kBlockN * sv.ld);
+
+  load_tile<D>(sq, at(p.q, p.sq, n, h, s.tok_q), p.sq.row, q0, s.len_q);
+  load_tile<D>(sdo, at(p.dout, p.sdo, n, h, s.tok_q), p.sdo.row, q0, s.len_q);
+  const uint16_t* kbase = at(p.k, p.sk, n, hk, s.tok_k);
+  const uint16_t* vbase = at(p.v, p.sv, n, hk, s.tok_k);
+
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};  // this lane's two query rows
+  float lse[2];
+  uint64_t drop_key[2] = {0, 0};
+  for (int r = 0; r < 2; ++r) {
+    lse[r] = row[r] < s.len_q ? p.lse[n * p.slse.batch + h * p.slse.head + (s.tok_q + row[r]) * p.slse.row]
+                              : -INFINITY;  // -inf: the row sees no key, P = 0
+    if (p.dropout_threshold) drop_key[r] = fastlm_attn_dropout_row(p.seed, n, h, row[r]);
+  }
+  float acc[2] = {0.f, 0.f};  // this lane's partial sums of P dP
+
+  const int kend = key_limit(p, s, q0);
+  for (int k0 = 0; k0 < kend; k0 += kBlockN) {
+    __syncthreads();  // previous tiles fully consumed
+    if (!load_key_valid(p, s, n, k0, key_valid)) continue;
+    load_tile<D>(sk, kbase, p.sk.row, k0, s.len_k);
+    load_tile<D>(sv, vbase, p.sv.row, k0, s.len_k);
+    __syncthreads();
+    // S = Q K^T and dO V^T for this warp's 16 rows x 64 keys
+    float sc[kBlockN / 8][4], dp[kBlockN / 8][4];
+    product_nt<Ty, D>(sc, sq, sk, warp * 16, g, t);
+    product_nt<Ty, D>(dp, sdo, sv, warp * 16, g, t);
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int col = j * 8 + 2 * t + (c & 1), r = c >> 1;
+        const bool ok = key_valid[col] && lse[r] != -INFINITY && (!p.causal || k0 + col <= row[r] + s.shift);
+        float z = 1.f;  // dropout factor keep / (1 - p)
+        if (p.dropout_threshold) z = fastlm_attn_keep(drop_key[r], k0 + col, p.dropout_threshold) ? p.dropout_scale : 0.f;
+        acc[r] += ok ? __expf(sc[j][c] * p.scale - lse[r]) * dp[j][c] * z : 0.f;
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 1);
+    acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 2);
+    if (t == 0 && row[r] < s.len_q) p.delta[n * p.slse.batch + h * p.slse.head + (s.tok_q + row[r]) * p.slse.row] = acc[r];
+  }
 }
 
 template <typename Ty, int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const FastlmAttnParams p) {
-  const int n = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kBlockN;
+  const Work w = work_of(p.max_seqlen_k, kBlockN, p.heads_q);
+  const int n = w.n, h = w.h, k0 = w.block * kBlockN;
   const SeqInfo s = seq_info(p, n);
   if (k0 >= s.len_k) return;
   const int hk = h / (p.heads_q / p.heads_k);
@@ -347,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Fast
     }
     const uint16_t* qbase = at(p.q, p.sq, n, h, s.tok_q);
     const uint16_t* dobase = at(p.dout, p.sdo, n, h, s.tok_q);
-    float* dq_acc = p.dq_accum + ((static_cast<int64_t>(n) * p.heads_q + h) * p.max_seqlen_q) * D;
+    float* dq_acc = p.dq_accum + (h * p.tokens_q + s.scratch_q) * D;
     for (int q0 = qstart; q0 < s.len_q; q0 += kBlockM) {
       __syncthreads();  // previous step's tiles consumed
       load_tile<D>(sq, qbase, p.sq.row, q0, s.len_q);
@@ -363,24 +360,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Fast
 
       // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x 64 queries
       float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) st[j][c] = dpt[j][c] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D; kk += 16) {
-        uint32_t ak[4], av[4];
-        load_a(ak, sk, warp * 16, kk, g, t);
-        load_a(av, sv, warp * 16, kk, g, t);
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j) {
-          uint32_t b[2];
-          load_b_t(b, sq, kk, j * 8, g, t);
-          Ty::mma(st[j], ak, b);
-          load_b_t(b, sdo, kk, j * 8, g, t);
-          Ty::mma(dpt[j], av, b);
-        }
-      }
+      product_nt<Ty, D>(st, sk, sq, warp * 16, g, t);
+      product_nt<Ty, D>(dpt, sv, sdo, warp * 16, g, t);
       // P^T (dropped, for dV) in st, dS^T in dpt
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j)
@@ -450,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Fast
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= s.len_k) continue;
-    const int64_t off = ((static_cast<int64_t>(n) * p.heads_q + h) * p.max_seqlen_k + key[r]) * D;
+    const int64_t off = (h * p.tokens_k + s.scratch_k + key[r]) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       *reinterpret_cast<float2*>(p.dk_accum + off + i * 8 + 2 * t) = make_float2(dk[i][2 * r] * p.scale, dk[i][2 * r + 1] * p.scale);
@@ -460,65 +441,74 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Fast
 }
 
 // dq = dq_accum; dk, dv = sum over the group's query heads of the partials; to 16 bits.
-// One thread per element pair; grid (rows, heads_q or heads_k, nseq) with y the head.
+// One thread per element pair of a scratch row (attention.h): O(tokens) threads, rows
+// outside every sequence (none, with consistent cu_seqlens) untouched.
 template <typename Ty, int D>
 __global__ void attention_finish_kernel(const FastlmAttnParams p, bool keys) {
-  const int n = blockIdx.z, h = blockIdx.y;
-  const SeqInfo s = seq_info(p, n);
-  const int rows = keys ? s.len_k : s.len_q;
+  const int64_t tokens = keys ? p.tokens_k : p.tokens_q;
+  const int heads = keys ? p.heads_k : p.heads_q;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int r = static_cast<int>(idx / (D / 2)), c = static_cast<int>(idx % (D / 2)) * 2;
-  if (r >= rows) return;
+  if (idx >= heads * tokens * (D / 2)) return;
+  const int c = static_cast<int>(idx % (D / 2)) * 2;
+  const int64_t row = idx / (D / 2) % tokens;
+  const int h = static_cast<int>(idx / (D / 2) / tokens);
+  // the operand element of scratch row `row`: packed, its token (batch stride 0); padded, (n, i)
+  const int max_len = keys ? p.max_seqlen_k : p.max_seqlen_q;
+  const int n = p.cu_seqlens_q ? 0 : static_cast<int>(row / max_len);
+  const int64_t tok = p.cu_seqlens_q ? row : row % max_len;
   if (!keys) {
-    const float* src = p.dq_accum + ((static_cast<int64_t>(n) * p.heads_q + h) * p.max_seqlen_q + r) * D + c;
-    uint16_t* dst = const_cast<uint16_t*>(at(p.dq, p.sdq, n, h, s.tok_q + r)) + c;
-    *reinterpret_cast<uint32_t*>(dst) = Ty::pack(src[0], src[1]);
+    const float* src = p.dq_accum + (h * p.tokens_q + row) * D + c;
+    *reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(at(p.dq, p.sdq, n, h, tok)) + c) = Ty::pack(src[0], src[1]);
     return;
   }
   const int group = p.heads_q / p.heads_k;
   float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
   for (int hq = h * group; hq < (h + 1) * group; ++hq) {
-    const int64_t off = ((static_cast<int64_t>(n) * p.heads_q + hq) * p.max_seqlen_k + r) * D + c;
+    const int64_t off = (hq * p.tokens_k + row) * D + c;
     k0 += p.dk_accum[off];
     k1 += p.dk_accum[off + 1];
     v0 += p.dv_accum[off];
     v1 += p.dv_accum[off + 1];
   }
-  *reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(at(p.dk, p.sdk, n, h, s.tok_k + r)) + c) = Ty::pack(k0, k1);
-  *reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(at(p.dv, p.sdv, n, h, s.tok_k + r)) + c) = Ty::pack(v0, v1);
+  *reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(at(p.dk, p.sdk, n, h, tok)) + c) = Ty::pack(k0, k1);
+  *reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(at(p.dv, p.sdv, n, h, tok)) + c) = Ty::pack(v0, v1);
 }
 
 constexpr size_t forward_smem(int d) { return (kBlockM + 2 * kBlockN) * (d + kPad) * 2 + kBlockN; }
+constexpr size_t delta_smem(int d) { return (2 * kBlockM + 2 * kBlockN) * (d + kPad) * 2 + kBlockN; }
 constexpr size_t backward_smem(int d) {
   return (2 * kBlockN + 2 * kBlockM) * (d + kPad) * 2 + kBlockM * (kBlockN + kPad) * 2 + kBlockM * (4 + 4 + 8) + kBlockN;
 }
 
-template <typename Ty, int D>
-cudaError_t forward(const FastlmAttnParams& p, cudaStream_t stream) {
-  const size_t smem = forward_smem(D);
-  cudaError_t err = cudaFuncSetAttribute(attention_forward_kernel<Ty, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+// Raises the kernel's dynamic shared-memory limit to `smem` bytes, then launches it on a
+// one-dimensional grid over (blocks of block_rows) x heads x sequences.
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, size_t smem, int rows, int block_rows, int heads, const FastlmAttnParams& p,
+                   cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.max_seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, p.nseq);
-  attention_forward_kernel<Ty, D><<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid_of(rows, block_rows, heads, p.nseq), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename Ty, int D>
+cudaError_t forward(const FastlmAttnParams& p, cudaStream_t stream) {
+  return launch(attention_forward_kernel<Ty, D>, forward_smem(D), p.max_seqlen_q, kBlockM, p.heads_q, p, stream);
+}
+
+template <typename Ty, int D>
 cudaError_t backward(const FastlmAttnParams& p, cudaStream_t stream) {
-  attention_delta_kernel<Ty, D><<<dim3((p.max_seqlen_q + 3) / 4, p.heads_q, p.nseq), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch(attention_delta_kernel<Ty, D>, delta_smem(D), p.max_seqlen_q, kBlockM, p.heads_q, p, stream);
   if (err != cudaSuccess) return err;
-  const size_t smem = backward_smem(D);
-  err = cudaFuncSetAttribute(attention_backward_kernel<Ty, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid((p.max_seqlen_k + kBlockN - 1) / kBlockN, p.heads_q, p.nseq);
-  attention_backward_kernel<Ty, D><<<grid, kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch(attention_backward_kernel<Ty, D>, backward_smem(D), p.max_seqlen_k, kBlockN, p.heads_q, p, stream);
   if (err != cudaSuccess) return err;
   constexpr int kFinishThreads = 256;
-  const int64_t q_pairs = static_cast<int64_t>(p.max_seqlen_q) * (D / 2), k_pairs = static_cast<int64_t>(p.max_seqlen_k) * (D / 2);
-  attention_finish_kernel<Ty, D><<<dim3((q_pairs + kFinishThreads - 1) / kFinishThreads, p.heads_q, p.nseq), kFinishThreads, 0, stream>>>(p, false);
-  attention_finish_kernel<Ty, D><<<dim3((k_pairs + kFinishThreads - 1) / kFinishThreads, p.heads_k, p.nseq), kFinishThreads, 0, stream>>>(p, true);
+  for (const bool keys : {false, true}) {
+    const int64_t pairs = (keys ? p.heads_k * p.tokens_k : p.heads_q * p.tokens_q) * (D / 2);
+    if (pairs == 0) continue;
+    attention_finish_kernel<Ty, D><<<static_cast<unsigned>((pairs + kFinishThreads - 1) / kFinishThreads),
+                                     kFinishThreads, 0, stream>>>(p, keys);
+  }
   return cudaGetLastError();
 }
 

@@ -1,51 +1,15 @@
 // Attention: what the CUDA launchers (attention.cu) and their torch glue
-// (attention_ops.cpp) share, plus the dropout hash shared with the CPU kernel
-// (csrc/cpu/attention.cpp), so every backend keeps the same element of the
-// same probability matrix for a given seed.  No torch includes: nvcc stays fast.
+// (attention_ops.cpp) share.  The dropout hash (shared with the CPU kernel) is in
+// csrc/common/dropout.h.  No torch includes: nvcc stays fast.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTLM_HD __host__ __device__ __forceinline__
-#else
-#define FASTLM_HD inline
-#endif
-
-// ------------------------------------------------------------------ dropout bits
-// Counter-based: the keep bit of probability (sequence, query head, query i, key j)
-// is a pure function of (seed, sequence, head, i, j), so the backward pass
-// regenerates the forward's mask exactly and any tiling gives the same mask.
-// splitmix64's finaliser is a strong 64-bit mixer; one row key is hashed per
-// query row and one mix per element.
-FASTLM_HD uint64_t fastlm_attn_mix(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-FASTLM_HD uint64_t fastlm_attn_dropout_row(uint64_t seed, uint64_t seq, uint64_t head, uint64_t query) {
-  const uint64_t golden = 0x9E3779B97F4A7C15ULL;
-  uint64_t z = fastlm_attn_mix(seed + golden * (seq + 1));
-  z = fastlm_attn_mix(z + golden * (head + 1));
-  return fastlm_attn_mix(z + golden * (query + 1));
-}
-
-// Keep probability 1 - threshold / 2^32 (threshold = dropout_p * 2^32).
-FASTLM_HD bool fastlm_attn_keep(uint64_t row_key, uint64_t key, uint32_t threshold) {
-  return static_cast<uint32_t>(fastlm_attn_mix(row_key + 0x9E3779B97F4A7C15ULL * (key + 1)) >> 32) >= threshold;
-}
-
-inline uint32_t fastlm_attn_dropout_threshold(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-}
+#include "../common/dropout.h"
 
 // ------------------------------------------------------------------ CUDA launchers
-// Seen by attention.cu and attention_ops.cpp only (the CPU kernel needs no CUDA headers).
-#if defined(__CUDACC__) || defined(FASTLM_ATTENTION_LAUNCHERS)
-#include <cuda_runtime.h>
-
 // Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand lives at
 //   ptr + n * batch + h * head + (token0(n) + i) * row,  head_dim stride 1,
 // where token0(n) = cu_seqlens[n] in packed mode and 0 in padded mode.
@@ -65,10 +29,13 @@ struct FastlmAttnParams {
   void* dq;              // backward only
   void* dk;
   void* dv;
-  float* dq_accum;       // backward: fp32 (nseq, Hq, max_seqlen_q, D) scratch, zeroed by the launcher
-  float* delta;          // backward: fp32 rowsum(dout * out), same layout as lse
-  float* dk_accum;       // backward, GQA only: fp32 (nseq, Hq, max_seqlen_k, D) per query head, or null
+  // backward scratch, fp32, O(tokens): rows are scratch rows (a sequence's tokens in
+  // packed mode, n * max_seqlen + i in padded mode), tokens_q / tokens_k of them
+  float* dq_accum;       // (Hq, tokens_q, D), zeroed by the glue: dQ accumulated by atomics
+  float* delta;          // sum_j P_ij dP_ij per query row, laid out like lse
+  float* dk_accum;       // (Hq, tokens_k, D): each query head's dK, dV partials, summed per kv head
   float* dv_accum;
+  int64_t tokens_q, tokens_k;
   FastlmAttnStrides sq, sk, sv, so, sdo, sdq, sdk, sdv, slse;
   const bool* key_padding_mask;  // (nseq, max_seqlen_k) contiguous, or null
   const int* cu_seqlens_q;       // packed mode (nseq + 1), or null (padded mode)
@@ -86,4 +53,3 @@ struct FastlmAttnParams {
 // Return cudaSuccess or the launch error; dtype and head_dim (64 or 128) come from params.
 cudaError_t fastlm_attention_forward_cuda(const FastlmAttnParams& params, cudaStream_t stream);
 cudaError_t fastlm_attention_backward_cuda(const FastlmAttnParams& params, cudaStream_t stream);
-#endif

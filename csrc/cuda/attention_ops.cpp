@@ -8,9 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
-#define FASTLM_ATTENTION_LAUNCHERS
 #include "attention.h"
 
 namespace {
@@ -87,11 +87,15 @@ FastlmAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, 
   p.heads_q = static_cast<int>(q.size(-2 - (packed ? 0 : 1)));
   p.heads_k = static_cast<int>(k.size(-2 - (packed ? 0 : 1)));
   TORCH_CHECK(p.heads_k > 0 && p.heads_q % p.heads_k == 0, who, ": query heads must be a multiple of kv heads");
-  TORCH_CHECK(p.nseq <= 65535 && p.heads_q <= 65535, who, ": at most 65535 sequences and 65535 heads (grid limits)");
+  // one-dimensional grids: (64-row blocks) x heads x sequences blocks on x, at most 2^31 - 1
+  const int64_t blocks = (std::max(p.max_seqlen_q, p.max_seqlen_k) + 63) / 64;
+  TORCH_CHECK(blocks * p.heads_q * p.nseq < (int64_t{1} << 31), who, ": more than 2^31 - 1 blocks of 64 rows");
+  p.tokens_q = packed ? q.size(0) : static_cast<int64_t>(p.nseq) * p.max_seqlen_q;
+  p.tokens_k = packed ? k.size(0) : static_cast<int64_t>(p.nseq) * p.max_seqlen_k;
   p.head_dim = static_cast<int>(q.size(-1));
   p.causal = static_cast<int>(causal);
   p.scale = static_cast<float>(scale);
-  p.dropout_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
+  p.dropout_threshold = dropout_p > 0.0 ? fastlm_dropout_threshold(dropout_p) : 0u;
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   p.seed = static_cast<uint64_t>(seed);
   p.bf16 = q.scalar_type() == at::kBFloat16;
@@ -185,9 +189,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t D = p.head_dim;
   Tensor delta = at::empty_like(lse);
-  Tensor dq_accum = at::zeros({p.nseq, p.heads_q, p.max_seqlen_q, D}, f32);
-  Tensor dk_accum = at::empty({p.nseq, p.heads_q, p.max_seqlen_k, D}, f32);
-  Tensor dv_accum = at::empty({p.nseq, p.heads_q, p.max_seqlen_k, D}, f32);
+  // scratch rows per token (attention.h): O(total tokens), whatever the sequence lengths
+  Tensor dq_accum = at::zeros({p.heads_q, p.tokens_q, D}, f32);
+  Tensor dk_accum = at::empty({p.heads_q, p.tokens_k, D}, f32);
+  Tensor dv_accum = at::empty({p.heads_q, p.tokens_k, D}, f32);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();

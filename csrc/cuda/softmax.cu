@@ -21,13 +21,14 @@
 // zeros (and zero gradients).  Dropout: column c of row r is kept when the 32-bit
 // uniform from splitmix64(key_r + (c / 2) * golden) (low half for even c, high half
 // for odd c; key_r = splitmix64(seed + r * golden)) is >= p * 2^32: the same stream
-// as the C++ CPU kernel, regenerated in the backward.
+// as the C++ CPU kernel (csrc/common/dropout.h), regenerated in the backward.
 #include "softmax.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/dropout.h"
 #include "convert.cuh"
 
 #include <algorithm>
@@ -45,22 +46,15 @@ constexpr int kMaxPacks = 4;
 constexpr int kOnlineThreads = 512;
 constexpr int64_t kSegmentBlocks = 1024;  // long rows: split until rows x segments reaches this
 constexpr int64_t kMinSegment = 8192;     // elements per segment at least
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 struct Drop {
   bool on;
   uint32_t threshold;  // keep when uniform32 >= threshold
   float keep_scale;    // 1 / (1 - p)
   uint64_t seed;
-  __device__ __forceinline__ uint64_t row_key(int64_t row) const { return mix64(seed + uint64_t(row) * kGolden); }
+  __device__ __forceinline__ uint64_t row_key(int64_t row) const { return fastlm_softmax_dropout_row(seed, uint64_t(row)); }
   __device__ __forceinline__ float mult(uint64_t key, int64_t col) const {
-    const uint64_t h = mix64(key + uint64_t(col >> 1) * kGolden);
+    const uint64_t h = fastlm_mix64(key + uint64_t(col >> 1) * kFastlmGolden);
     const uint32_t u = (col & 1) ? uint32_t(h >> 32) : uint32_t(h);
     return u >= threshold ? keep_scale : 0.f;
   }
@@ -69,8 +63,7 @@ struct Drop {
 Drop make_drop(float p, uint64_t seed) {
   Drop d;
   d.on = p > 0.f;
-  const double t = double(p) * 4294967296.0;
-  d.threshold = t >= 4294967295.0 ? 0xffffffffu : uint32_t(t + 0.5);
+  d.threshold = fastlm_dropout_threshold(p);
   d.keep_scale = d.on ? float(1.0 / (1.0 - double(p))) : 1.f;
   d.seed = seed;
   return d;
