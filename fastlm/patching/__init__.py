@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 
-from fastlm.patching import architectures, binding
+from fastlm.patching import architectures, binding, containers
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
 
 __all__ = ["patch", "unpatch", "PatchReport"]
@@ -69,8 +69,12 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
 
     A family or feature fastlm cannot serve is left as it was, listed in the report, with
     one warning naming it.  An unavailable ``backend`` or a non-transformers model raises.
-    Patching a patched model first undoes the previous patch.
+    Patching a patched model first undoes the previous patch.  A sentence-transformers model
+    gets each transformers model inside it patched (:mod:`fastlm.patching.containers`).
     """
+    if containers.is_container(model):
+        return containers.patch_inside(model, patch, attention=attention, cross_entropy=cross_entropy,
+                                       unpad=unpad, backend=backend)
     target = _target(model)
     backend = _check_backend(backend)
     if binding.is_bound(target):
@@ -160,6 +164,8 @@ def _patch_head(target, family, cross_entropy, backend, report) -> None:
 
 def unpatch(model) -> None:
     """Restore everything :func:`patch` changed on ``model`` (a no-op on an unpatched model)."""
+    if containers.is_container(model):
+        return containers.unpatch_inside(model, unpatch)
     target = _target(model)
     original = target.__dict__.get(_ATTN_ORIGINAL)
     for module in target.modules():
