@@ -62,12 +62,12 @@ def finetune(args, output) -> Outcome:
     demo = args.data is None
     compare = demo if args.compare is None else args.compare
     task = args.task
+    source = model.checkpoint(args.model, task) if args.model else None
     if task == "embed":
         data_source, examples = data.load_pairs(args.data, args.text_column, args.pair_column)
         corpus = data.Corpus(data_source, [text for pair in examples for text in pair.values()])
     else:
         corpus = data.load_corpus(task, args.data, args.text_column, args.label_column)
-    source = model.checkpoint(args.model, task) if args.model else None
     source = source or model.default(task, corpus.texts, args.tiny_random_model)
     if task == "mlm":
         examples = data.mlm_examples(corpus.texts, source.tokenizer, args.max_length)
