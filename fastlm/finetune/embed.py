@@ -56,6 +56,15 @@ def _open(st, path: str):
     return model
 
 
+def ranking_loss(model):
+    """``MultipleNegativesRankingLoss(model)`` (found where this sentence-transformers keeps it)."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:   # before sentence-transformers 6
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    return MultipleNegativesRankingLoss(model)
+
+
 def arguments_class():
     _require()
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -67,7 +76,6 @@ def trainer(mixin, model, train_set: list[dict], eval_set: list[dict], **kwargs)
     """A ``SentenceTransformerTrainer`` (with ``mixin``'s measurements) on ``(anchor, positive)`` pairs."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     class MeasuredSentenceTransformerTrainer(mixin, SentenceTransformerTrainer):
         def add_model_card_callback(self, default_args_dict):
@@ -75,7 +83,7 @@ def trainer(mixin, model, train_set: list[dict], eval_set: list[dict], **kwargs)
 
     return MeasuredSentenceTransformerTrainer(
         model=model, train_dataset=Dataset.from_list(train_set), eval_dataset=Dataset.from_list(eval_set),
-        loss=MultipleNegativesRankingLoss(model), **kwargs)
+        loss=ranking_loss(model), **kwargs)
 
 
 def token_counts(model, examples: list[dict], max_length: int) -> list[int]:

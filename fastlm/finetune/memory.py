@@ -90,10 +90,11 @@ def _load(spec: dict):
 
     if spec["task"] == "embed":
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        from fastlm.finetune.embed import ranking_loss
 
         model = SentenceTransformer(spec["model"], device=spec["device"], local_files_only=True)
-        loss = MultipleNegativesRankingLoss(model)
+        loss = ranking_loss(model)
 
         def step_loss(batch):   # the trainer's columns: <column>_input_ids, <column>_attention_mask, ...
             columns = [k[: -len("input_ids")] for k in batch if k.endswith("input_ids")]
