@@ -18,7 +18,7 @@ pytest.importorskip("sentence_transformers")
 
 import fastlm  # noqa: E402
 from _patch_models import V, assert_close_rel, assert_same_grad_dicts, assert_same_grads, encoder  # noqa: E402
-from fastlm.finetune.embed import ranking_loss  # noqa: E402
+from fastlm.finetune.embed import features, ranking_loss  # noqa: E402
 from fastlm.patching.report import PATCHED, UNSUPPORTED  # noqa: E402
 
 REL = 1e-5
@@ -81,8 +81,7 @@ def _no_dropout(st_model):
 
 
 def _mnrl_step(st_model, anchors, positives):
-    features = [st_model.tokenize(anchors), st_model.tokenize(positives)]
-    loss = ranking_loss(st_model)(features, None)
+    loss = ranking_loss(st_model)([features(st_model, anchors), features(st_model, positives)], None)
     loss.backward()
     return loss.detach()
 

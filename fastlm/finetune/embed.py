@@ -86,6 +86,14 @@ def trainer(mixin, model, train_set: list[dict], eval_set: list[dict], **kwargs)
         loss=ranking_loss(model), **kwargs)
 
 
+def features(model, texts: list[str], device=None) -> dict:
+    """The model's input tensors for ``texts`` (``preprocess``; ``tokenize`` before
+    sentence-transformers 6), on ``device``."""
+    prepare = getattr(model, "preprocess", None) or model.tokenize
+    return {k: v.to(device) if device is not None else v for k, v in prepare(texts).items()
+            if hasattr(v, "to")}
+
+
 def token_counts(model, examples: list[dict], max_length: int) -> list[int]:
     """Tokens of every text of the pairs (special tokens included, truncated as in training)."""
     texts = [text for e in examples for text in e.values()]
