@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from _finetune_runs import run_leaving_environ  # noqa: E402
 from fastlm import finetune  # noqa: E402
 from fastlm.finetune import data, model, train  # noqa: E402
 
@@ -46,9 +47,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlm_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mlm"
-    environ = dict(os.environ)
-    outcome = finetune.run([*TINY, "--data", str(corpus), "--compare", "--output-dir", str(out)])
-    assert dict(os.environ) == environ, "finetune.run left the environment changed"
+    outcome = run_leaving_environ([*TINY, "--data", str(corpus), "--compare"], out)
     return outcome, out
 
 
@@ -112,7 +111,7 @@ def test_saved_model_reloads_without_fastlm_same_logits(mlm_run, tmp_path):
             torch.save(model(input_ids=ids, attention_mask=mask).logits, {str(tmp_path / "logits.pt")!r})
         assert not any(m == "fastlm" or m.startswith("fastlm.") for m in sys.modules), "fastlm was imported"
     """)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=300)
     reloaded = torch.load(tmp_path / "logits.pt")
     real = mask.bool()

@@ -19,6 +19,7 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
+from _finetune_runs import run_leaving_environ  # noqa: E402
 from fastlm import finetune  # noqa: E402
 from fastlm.finetune import data  # noqa: E402
 
@@ -43,9 +44,7 @@ def pairs_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embed_run(pairs_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "embed"
-    environ = dict(os.environ)
-    outcome = finetune.run([*TINY, "--data", str(pairs_file), "--compare", "--output-dir", str(out)])
-    assert dict(os.environ) == environ
+    outcome = run_leaving_environ([*TINY, "--data", str(pairs_file), "--compare"], out)
     return outcome, out
 
 
