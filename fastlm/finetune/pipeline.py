@@ -50,18 +50,30 @@ def _private_scratch():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def finetune(args, output) -> Outcome:
-    import torch
+@dataclass
+class Inputs:
+    """The data, where the model comes from, and the training settings of one run."""
 
-    import fastlm
-    from fastlm.finetune import data, memory, model, report, train
+    args: object
+    source: object            # model.ModelSource
+    corpus: object            # data.Corpus (embed: the texts of the pairs)
+    examples: list[dict]
+    train_set: list[dict]
+    eval_set: list[dict]
+    settings: object          # train.Settings
 
-    started = time.perf_counter()
-    lead = _rank() == 0
-    say = print if lead else _quiet
-    demo = args.data is None
-    compare = demo if args.compare is None else args.compare
-    task = args.task
+    def fresh_model(self):
+        """A newly loaded model (the same weights every call) and its newly initialised parts."""
+        loaded, fresh = self.source.load(self.args.task, self.args.seed, self.corpus.label_names)
+        if self.args.task == "embed":
+            loaded.max_seq_length = self.args.max_length   # sentence-transformers truncates to it
+        return loaded, fresh
+
+
+def _inputs(args) -> Inputs:
+    from fastlm.finetune import data, model, train
+
+    task, demo = args.task, args.data is None
     source = model.checkpoint(args.model, task) if args.model else None
     if task == "embed":
         data_source, examples = data.load_pairs(args.data, args.text_column, args.pair_column)
@@ -79,32 +91,41 @@ def finetune(args, output) -> Outcome:
         max_steps=args.max_steps or (DEMO_MAX_STEPS if demo and args.epochs is None else 0),
         lr=args.lr or DEFAULT_LR[task], dtype=args.dtype, seed=args.seed,
         mlm_probability=args.mlm_probability)
+    return Inputs(args, source, corpus, examples, train_set, eval_set, settings)
 
-    def fresh_model():
-        loaded, fresh = source.load(task, args.seed, corpus.label_names)
-        if task == "embed":
-            loaded.max_seq_length = args.max_length   # sentence-transformers truncates to it
-        return loaded, fresh
 
-    net, fresh = fresh_model()
-    tokenizer = source.tokenizer if source.tokenizer is not None else net.tokenizer
+def finetune(args, output) -> Outcome:
+    import torch
+
+    import fastlm
+    from fastlm.finetune import memory, report, train
+
+    started = time.perf_counter()
+    lead = _rank() == 0
+    say = print if lead else _quiet
+    compare = args.data is None if args.compare is None else args.compare
+    inputs = _inputs(args)
+    task, settings = args.task, inputs.settings
+    net, fresh = inputs.fresh_model()
+    tokenizer = inputs.source.tokenizer if inputs.source.tokenizer is not None else net.tokenizer
     _check_length(net, args.max_length)
     if task == "embed":
         from fastlm.finetune import embed
 
-        lengths = embed.token_counts(net, examples, args.max_length)
+        lengths = embed.token_counts(net, inputs.examples, args.max_length)
     else:
-        lengths = [len(e["input_ids"]) for e in examples]
+        lengths = [len(e["input_ids"]) for e in inputs.examples]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     device += f", {world} processes" if world > 1 else ""
-    say(f"fastlm finetune: {task} on {corpus.source}")
-    say(f"  model: {source.name}" + "".join(f"; {n}" for n in source.notes))
+    say(f"fastlm finetune: {task} on {inputs.corpus.source}")
+    say(f"  model: {inputs.source.name}" + "".join(f"; {n}" for n in inputs.source.notes))
     if fresh:
         say(f"  newly initialised (not in the checkpoint): {_summarise(fresh)}")
-    say(f"  data: {len(examples)} {'pairs' if task == 'embed' else 'examples'} ({len(train_set)} train / "
-        f"{len(eval_set)} eval), {sum(lengths) / len(lengths):.1f} tokens on average, max length {args.max_length}")
-    say(f"  training: {settings.total_steps(len(train_set) // world)} steps, batch {settings.batch_size}"
+    say(f"  data: {len(inputs.examples)} {'pairs' if task == 'embed' else 'examples'} ({len(inputs.train_set)} "
+        f"train / {len(inputs.eval_set)} eval), {sum(lengths) / len(lengths):.1f} tokens on average, "
+        f"max length {args.max_length}")
+    say(f"  training: {settings.total_steps(len(inputs.train_set) // world)} steps, batch {settings.batch_size}"
         f"{' per process' if world > 1 else ''}, lr {settings.lr:g}, {settings.dtype}, seed {settings.seed}, {device}"
         + (", with the unpatched model on the same batches, step by step interleaved" if compare else ""))
 
@@ -112,12 +133,12 @@ def finetune(args, output) -> Outcome:
         scratch = stage / "trainer-scratch"
         models = {}
         if compare:   # identical starting weights: the comparison copy is loaded before patching
-            models["unpatched"] = fresh_model()[0]
+            models["unpatched"] = inputs.fresh_model()[0]
         patch_report = fastlm.patch(net)
         say(patch_report)
         models["fastlm"] = net
-        runs, first_batches = train.run_all(models, tokenizer, train_set, eval_set, settings, str(scratch),
-                                            show_progress=lead)
+        runs, first_batches = train.run_all(models, tokenizer, inputs.train_set, inputs.eval_set, settings,
+                                            str(scratch), show_progress=lead)
         models.clear()
         shutil.rmtree(scratch, ignore_errors=True)
         if not lead:
@@ -139,12 +160,12 @@ def finetune(args, output) -> Outcome:
             "fastlm_finetune": report.FORMAT,
             "fastlm_version": fastlm.__version__,
             "task": task,
-            "model": source.name,
-            "model_notes": source.notes,
+            "model": inputs.source.name,
+            "model_notes": inputs.source.notes,
             "newly_initialised": fresh,
-            "data": corpus.source,
-            "labels": corpus.label_names,
-            "examples": {"train": len(train_set), "eval": len(eval_set),
+            "data": inputs.corpus.source,
+            "labels": inputs.corpus.label_names,
+            "examples": {"train": len(inputs.train_set), "eval": len(inputs.eval_set),
                          "mean_tokens": sum(lengths) / len(lengths), "max_length": args.max_length},
             "settings": {**vars(settings), "steps": len(runs["fastlm"].step_times), "compare": compare,
                          "processes": world},
@@ -159,7 +180,7 @@ def finetune(args, output) -> Outcome:
             "total_wall_time_s": time.perf_counter() - started,
         }
         report.write_json(stage, full)
-        report.write_plot(stage, summaries, f"fastlm finetune: {task}, {source.name}")
+        report.write_plot(stage, summaries, f"fastlm finetune: {task}, {inputs.source.name}")
         output.commit(stage)
     say()
     say(text)
