@@ -126,12 +126,16 @@ def assert_same_grads(ref_model, patched_model, rel: float) -> None:
     exact arithmetic (the attention key bias: softmax is shift invariant) are rounding noise
     in both runs, so they are judged against 1% of the largest gradient norm (the floor).
     """
-    g_ref, g_new = grads(ref_model), grads(patched_model)
+    assert_same_grad_dicts(grads(ref_model), grads(patched_model), rel)
+
+
+def assert_same_grad_dicts(g_ref: dict, g_new: dict, rel: float, what: str = "grad") -> None:
+    """:func:`assert_same_grads` on ``{name: gradient}`` dicts (e.g. recorded during training)."""
     assert g_ref.keys() == g_new.keys(), set(g_ref) ^ set(g_new)
     floor = 0.01 * max(g.norm().item() for g in g_ref.values())
     for name in g_ref:
         err, scale = (g_new[name] - g_ref[name]).norm().item(), max(g_ref[name].norm().item(), floor)
-        assert err <= rel * scale, f"grad {name}: |err| {err:.3g} vs |ref| {scale:.3g} (rel {rel})"
+        assert err <= rel * scale, f"{what} {name}: |err| {err:.3g} vs |ref| {scale:.3g} (rel {rel})"
 
 
 def assert_twins_train_alike(ref, new, rel: float, **inputs):

@@ -1,10 +1,13 @@
 """``fastlm finetune`` end to end on a tiny corpus and a tiny random BERT (seconds per run).
 
-Covers both tasks, the output folder (model reloads without fastlm with the same logits,
-JSON report, PNG plot), every bad input (exit code 2, one line naming the problem, output dir
-untouched) and Ctrl-C (exit code 130, no partial output).
+Covers the mlm and classify tasks (embed: tests/test_sentence_transformers_finetune.py), the
+output folder (model reloads without fastlm with the same logits, JSON report, PNG plot), the
+interleaved comparison and its memory phase, every bad input (exit code 2, one line naming the
+problem, output dir untouched), Ctrl-C (exit code 130, no partial output), and that a run
+leaves the process as it found it (environment variables).
 """
 import json
+import os
 import random
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from _finetune_runs import run_leaving_environ  # noqa: E402
 from fastlm import finetune  # noqa: E402
 from fastlm.finetune import data, model, train  # noqa: E402
 
@@ -43,7 +47,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlm_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mlm"
-    outcome = finetune.run([*TINY, "--data", str(corpus), "--compare", "--output-dir", str(out)])
+    outcome = run_leaving_environ([*TINY, "--data", str(corpus), "--compare"], out)
     return outcome, out
 
 
@@ -75,6 +79,16 @@ def test_mlm_run_writes_model_report_and_plot(mlm_run):
         assert [e[0] for e in run["curves"]["eval"]][0] == 0   # evaluated before training
         assert 0 < run["padding_fraction"] < 1                 # dynamic padding: mixed lengths
     assert report["comparison"]["tokens_per_s_ratio"] > 0
+    # interleaved timing: per-step ratios of the same steps, summarised with their spread
+    spread = report["comparison"]["step_speedup"]
+    assert spread["steps"] == 2                                # 3 steps, the first left out
+    ratios = [u / f for u, f in zip(report["runs"]["unpatched"]["curves"]["step_time_s"][1:],
+                                    report["runs"]["fastlm"]["curves"]["step_time_s"][1:])]
+    assert (spread["min"], spread["max"]) == pytest.approx((min(ratios), max(ratios)))
+    assert f"median {spread['median']:.2f}x" in report["table"]
+    # memory in its own phase, one fresh process per model
+    assert "fresh process" in report["memory_measure"] and "fresh process" in report["table"]
+    assert all(run["peak_memory_mib"] > 0 for run in report["runs"].values())
     # Same starting weights, eval mode, fixed eval masks: the step-0 eval loss must agree.
     before = [run["eval_loss_before"] for run in report["runs"].values()]
     assert before[0] == pytest.approx(before[1], rel=1e-5)
@@ -97,7 +111,7 @@ def test_saved_model_reloads_without_fastlm_same_logits(mlm_run, tmp_path):
             torch.save(model(input_ids=ids, attention_mask=mask).logits, {str(tmp_path / "logits.pt")!r})
         assert not any(m == "fastlm" or m.startswith("fastlm.") for m in sys.modules), "fastlm was imported"
     """)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=300)
     reloaded = torch.load(tmp_path / "logits.pt")
     real = mask.bool()

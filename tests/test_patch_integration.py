@@ -19,7 +19,12 @@ from _patch_models import (assert_close_rel, assert_same_grads, assert_twins_tra
                            encoder, mlm_labels, padded_batch, twins)
 
 REL = 1e-5
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No download, ever; set per test (a module-level setting would last the whole session)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 # ----------------------------------------------------------------------------- real weights

@@ -7,6 +7,9 @@
   imported or executed; every Python installation ships them).
 * ``classify`` reads CSV/TSV (with a header row) or JSONL with a text and a label column.
   Labels are either all integer class ids or all class names (mapped in sorted order).
+* ``embed`` reads pairs of texts (anchor, positive) from two columns of CSV/TSV or JSONL.
+  Without ``--data``: the standard-library docstrings again, each one's summary (its first
+  paragraph, or first sentence) paired with the rest of it.
 
 Every problem with the input raises ``FinetuneError`` with a one-line message naming it.
 """
@@ -38,6 +41,7 @@ _STDLIB_IMPORT_FALLBACK = ("argparse", "collections", "csv", "dataclasses", "dat
                            "tarfile", "textwrap", "threading", "typing", "unittest", "zipfile")
 MIN_DOC_WORDS = 8      # shorter docstrings ("Return self.") carry no domain signal
 MIN_EXAMPLE_TOKENS = 32  # shorter neighbouring documents are packed together
+MIN_SUMMARY_WORDS = 3  # docstring pairs: the summary side
 EVAL_FRACTION = 0.1
 
 
@@ -87,6 +91,40 @@ def load_corpus(task: str, data: str | None, text_column: str = "text",
     return Corpus(str(path), texts)
 
 
+def load_pairs(data: str | None, anchor_column: str, positive_column: str) -> tuple[str, list[dict]]:
+    """``(source, [{"anchor": ..., "positive": ...}, ...])`` from a CSV/TSV/JSONL file (None: the
+    standard-library docstring pairs)."""
+    if data is None:
+        corpus = stdlib_corpus()
+        return corpus.source.replace("docstrings", "docstrings, summary -> rest"), docstring_pairs(corpus.texts)
+    path = Path(data)
+    if not path.exists():
+        raise FinetuneError(f"data not found: {data}")
+    if not path.is_file():
+        raise FinetuneError(f"embed data must be one CSV, TSV or JSONL file, got a folder: {data}")
+    pairs = [{"anchor": a, "positive": p} for a, p in _read_records(path, (anchor_column, positive_column), 2)]
+    if not pairs:
+        raise FinetuneError(f"empty corpus: no text pairs in {data}")
+    return str(path), pairs
+
+
+def docstring_pairs(docstrings: list[str]) -> list[dict]:
+    """Each docstring's summary (first paragraph, else first sentence) paired with the rest of it;
+    docstrings with too short a side are skipped, repeated summaries kept once."""
+    pairs, seen = [], set()
+    for doc in docstrings:
+        paragraphs = _paragraphs(doc)
+        if len(paragraphs) > 1:
+            summary, rest = paragraphs[0], " ".join(paragraphs[1:])
+        else:
+            summary, _, rest = paragraphs[0].partition(". ") if paragraphs else ("", "", "")
+        if (len(summary.split()) >= MIN_SUMMARY_WORDS and len(rest.split()) >= MIN_DOC_WORDS
+                and summary not in seen):
+            seen.add(summary)
+            pairs.append({"anchor": summary, "positive": rest})
+    return pairs
+
+
 def _corpus_files(folder: Path) -> list[Path]:
     suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
     files = sorted(p for p in folder.rglob("*")
@@ -111,8 +149,9 @@ def _paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
-def _read_records(path: Path, columns: tuple[str, ...]) -> list[tuple]:
-    """``columns`` of every record of a JSONL / CSV / TSV file; rows with empty text skipped."""
+def _read_records(path: Path, columns: tuple[str, ...], text_columns: int = 1) -> list[tuple]:
+    """``columns`` of every record of a JSONL / CSV / TSV file; the first ``text_columns`` must be
+    strings, rows where one of them is empty are skipped."""
     suffix = path.suffix.lower()
     text = _read_text(path)
     if suffix in TABLE_SUFFIXES:
@@ -131,9 +170,10 @@ def _read_records(path: Path, columns: tuple[str, ...]) -> list[tuple]:
         if header is None:
             _check_columns(path, columns, list(record), line)
         values = tuple(record[c] for c in columns)
-        if not isinstance(values[0], str):
-            raise FinetuneError(f"{path} line {line}: column {columns[0]!r} is not a string")
-        if values[0].strip():
+        for column, value in zip(columns[:text_columns], values):
+            if not isinstance(value, str):
+                raise FinetuneError(f"{path} line {line}: column {column!r} is not a string")
+        if all(v.strip() for v in values[:text_columns]):
             out.append(values)
     return out
 

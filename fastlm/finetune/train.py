@@ -1,42 +1,44 @@
-"""One measured Hugging Face ``Trainer`` run (patched or not) for ``fastlm finetune``.
+"""The measured Hugging Face ``Trainer`` runs of ``fastlm finetune``, side by side.
 
-What is measured, per optimizer step (callbacks around forward + backward + optimizer step;
-batches are fetched before ``on_step_begin``, so data loading is excluded; CUDA is synchronised
-at both ends):
+Every model (fastlm, and with ``--compare`` the unpatched twin) gets its own ``Trainer`` with
+the same arguments, seed, data order and masking, and :func:`run_all` advances them one
+optimizer step at a time, interleaved (:mod:`fastlm.finetune.lockstep`): step ``i`` of one
+model and step ``i`` of the other run back to back, so the per-step ratio of their times is
+taken under the same machine load.  Per step it records:
 
-* step time, and real (non-padding) tokens of the step's batch -> tokens/s;
-* peak memory over ``trainer.train()``: on CUDA ``max_memory_allocated`` above the allocation at
-  the start; on CPU the peak resident set size above the RSS at the start, sampled every 2 ms in
-  a thread (freed heap is returned to the OS before the run, so an earlier run in the same
-  process cannot hide this one's growth);
-* train loss per step, eval loss (and accuracy for classify) before training and at a few points.
+* the step's time (forward + backward + clipping + optimizer step; batches are fetched and
+  evaluations run between timed steps; CUDA is synchronised at both ends);
+* the real (non-padding) tokens of the step's batch -> tokens/s;
+* the train loss, and the eval loss (and accuracy for classify) before training and at a
+  few points.
+
+Peak memory is not measured here (two models share the process): see
+:mod:`fastlm.finetune.memory`.  The first batches the fastlm run trains on are kept for it.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import os
 import statistics
-import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainerCallback,
+                          TrainingArguments)
 from transformers.trainer_callback import ProgressCallback
 
+from fastlm.finetune import lockstep
 from fastlm.finetune.data import FinetuneError
+from fastlm.finetune.interleave import ratio_spread
 
 EVAL_POINTS = 2          # evaluations during training, the last at the end (plus one before it)
 WARMUP_STEPS_EXCLUDED = 1  # first step (allocator / kernel warm-up) left out of the speed numbers
+KEPT_BATCHES = 2         # first training batches kept for the memory phase
 
 
 @dataclass
 class Settings:
-    task: str
+    task: str                 # mlm | classify | embed
     batch_size: int
     epochs: float
     max_steps: int            # > 0 overrides epochs
@@ -59,13 +61,12 @@ class RunResult:
     padded_tokens: int = 0                                   # tokens incl. padding, all steps
     losses: list[tuple[int, float]] = field(default_factory=list)            # (step, train loss)
     evals: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, loss, accuracy)
-    peak_memory_bytes: int | None = None
-    memory_measure: str = ""
-    wall_time_s: float = 0.0
+    peak_memory_bytes: int | None = None                     # from the memory phase
+    wall_time_s: float = 0.0                                 # its steps + its time between steps
 
     def summary(self, task: str) -> dict:
         """The run's numbers as plain data (the JSON report's ``runs.<label>``)."""
-        skip = WARMUP_STEPS_EXCLUDED if len(self.step_times) > WARMUP_STEPS_EXCLUDED + 1 else 0
+        skip = _skip(len(self.step_times))
         times, tokens = self.step_times[skip:], self.step_tokens[skip:]
         tail = [loss for _, loss in self.losses[-max(1, len(self.losses) // 10):]]
         before, after = (self.evals[0], self.evals[-1]) if self.evals else ((0, None, None),) * 2
@@ -74,7 +75,6 @@ class RunResult:
             "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
             "step_time_s": statistics.median(times) if times else None,
             "peak_memory_mib": None if self.peak_memory_bytes is None else self.peak_memory_bytes / 2**20,
-            "memory_measure": self.memory_measure,
             "train_loss": statistics.fmean(tail) if tail else None,
             "train_loss_steps_averaged": len(tail),
             "eval_loss_before": before[1],
@@ -87,9 +87,18 @@ class RunResult:
         if task == "mlm":
             out["perplexity_before"] = _perplexity(before[1])
             out["perplexity"] = _perplexity(after[1])
-        else:
+        elif task == "classify":
             out["accuracy_before"], out["accuracy"] = before[2], after[2]
         return out
+
+
+def _skip(n_steps: int) -> int:
+    return WARMUP_STEPS_EXCLUDED if n_steps > WARMUP_STEPS_EXCLUDED + 1 else 0
+
+
+def speedup(baseline: RunResult, contender: RunResult) -> dict:
+    """The contender's per-step speed-up over the baseline (same steps, interleaved): median and range."""
+    return ratio_spread(baseline.step_times, contender.step_times, skip=_skip(len(baseline.step_times)))
 
 
 def _perplexity(loss: float | None) -> float | None:
@@ -103,21 +112,28 @@ def collator(task: str, tokenizer, mlm_probability: float, seed: int):
     return DataCollatorWithPadding(tokenizer)
 
 
-class _MeasuredTrainer(Trainer):
-    """Counts each training batch's tokens; evaluates with fixed masks (same at every evaluation)."""
+class _Measured:
+    """Trainer mixin: counts each training batch's tokens, keeps the first batches; mlm evaluates
+    with fixed masks (the same at every evaluation)."""
 
-    def __init__(self, *args, result: RunResult, eval_collator, **kwargs):
+    def __init__(self, *args, result: RunResult, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._result, self._eval_collator = result, eval_collator
-        self._real_tokens: list[torch.Tensor] = []   # summed lazily: no host sync per step
+        self.real_tokens: list[torch.Tensor] = []   # summed after each step: no host sync inside it
+        self.kept_batches: list[dict] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")
-        self._real_tokens.append(mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel()))
-        self._result.padded_tokens += inputs["input_ids"].numel()
+        masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+        ids = [v for k, v in inputs.items() if k.endswith("input_ids")]
+        self.real_tokens.append(sum(m.sum() for m in masks) if masks else torch.tensor(sum(i.numel() for i in ids)))
+        self._result.padded_tokens += sum(i.numel() for i in ids)
+        if len(self.kept_batches) < KEPT_BATCHES:
+            self.kept_batches.append({k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
         return super().training_step(model, inputs, num_items_in_batch)
 
     def evaluate(self, *args, **kwargs):
+        if self._eval_collator is None:
+            return super().evaluate(*args, **kwargs)
         train_collator = self.data_collator
         self.data_collator = self._eval_collator()
         try:
@@ -126,49 +142,27 @@ class _MeasuredTrainer(Trainer):
             self.data_collator = train_collator
 
 
+class _MeasuredTrainer(_Measured, Trainer):
+    pass
+
+
 class _Meter(TrainerCallback):
-    """Step timing, loss / eval history, and the progress bar."""
+    """Tokens per step, loss and eval history."""
 
-    def __init__(self, result: RunResult, trainer_ref: list, cuda: bool):
-        self.result, self.trainer_ref, self.cuda = result, trainer_ref, cuda
-        self.bar = None
-        self.t0 = 0.0
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=f"{self.result.label:>9}", unit="step", dynamic_ncols=True)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self.t0 = time.perf_counter()
+    def __init__(self, result: RunResult, trainer_ref: list):
+        self.result, self.trainer_ref = result, trainer_ref
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.result.step_times.append(time.perf_counter() - self.t0)
         trainer = self.trainer_ref[0]
-        self.result.step_tokens.append(int(torch.stack(trainer._real_tokens).sum()))
-        trainer._real_tokens.clear()
-        self.bar.update(1)
+        self.result.step_tokens.append(int(torch.stack(trainer.real_tokens).sum()))
+        trainer.real_tokens.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.result.losses.append((state.global_step, float(logs["loss"])))
-            recent = slice(-10, None)
-            speed = sum(self.result.step_tokens[recent]) / max(sum(self.result.step_times[recent]), 1e-9)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{speed:,.0f}", refresh=False)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.result.evals.append((state.global_step, float(metrics["eval_loss"]), metrics.get("eval_accuracy")))
-
-    def close(self):
-        """Also called when training raises (Ctrl-C), so the bar does not linger."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _accuracy(prediction) -> dict:
@@ -177,13 +171,12 @@ def _accuracy(prediction) -> dict:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def run(model, tokenizer, train_set: list[dict], eval_set: list[dict], settings: Settings,
-        label: str, scratch_dir: str) -> RunResult:
-    """Fine-tune ``model`` in place on ``train_set`` and return the measurements."""
-    result = RunResult(label)
-    total = settings.total_steps(len(train_set))
+def _arguments(settings: Settings, scratch_dir: str, n_train: int, args_class=TrainingArguments):
+    total = settings.total_steps(n_train)
+    # sentence-transformers names its own columns and labels
+    columns = {} if settings.task == "embed" else dict(remove_unused_columns=False, label_names=["labels"])
     try:
-        args = TrainingArguments(
+        return args_class(
             output_dir=scratch_dir, per_device_train_batch_size=settings.batch_size,
             per_device_eval_batch_size=settings.batch_size, num_train_epochs=settings.epochs,
             max_steps=settings.max_steps if settings.max_steps > 0 else -1, learning_rate=settings.lr,
@@ -191,92 +184,65 @@ def run(model, tokenizer, train_set: list[dict], eval_set: list[dict], settings:
             logging_strategy="steps", logging_steps=1, eval_strategy="steps",
             eval_steps=max(1, math.ceil(total / EVAL_POINTS)), save_strategy="no", report_to="none",
             seed=settings.seed, data_seed=settings.seed, bf16=settings.dtype == "bf16",
-            fp16=settings.dtype == "fp16", dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False,
-            label_names=["labels"], prediction_loss_only=settings.task == "mlm", disable_tqdm=False)
+            fp16=settings.dtype == "fp16", dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=torch.cuda.is_available(), prediction_loss_only=settings.task != "classify",
+            disable_tqdm=False, **columns)
     except (ValueError, ImportError) as exc:   # e.g. fp16 requested where autocast cannot do it
         raise FinetuneError(f"--dtype {settings.dtype}: {str(exc).strip().splitlines()[0]}") from None
-    cuda = args.device.type == "cuda"
+
+
+def _trainer(model, tokenizer, train_set, eval_set, settings: Settings, result: RunResult, scratch_dir: str):
     trainer_ref: list = []
-    trainer = _MeasuredTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=collator(settings.task, tokenizer, settings.mlm_probability, settings.seed),
-        eval_collator=lambda: collator(settings.task, tokenizer, settings.mlm_probability, settings.seed + 1),
-        processing_class=tokenizer, result=result,
-        compute_metrics=_accuracy if settings.task == "classify" else None,
-        callbacks=[meter := _Meter(result, trainer_ref, cuda)])
-    trainer.remove_callback(ProgressCallback)
+    callbacks = [_Meter(result, trainer_ref)]
+    if settings.task == "embed":
+        from fastlm.finetune import embed
+
+        trainer = embed.trainer(_Measured, model, train_set, eval_set, result=result, callbacks=callbacks,
+                                args=_arguments(settings, scratch_dir, len(train_set), embed.arguments_class()))
+    else:
+        seed, p = settings.seed, settings.mlm_probability
+        trainer = _MeasuredTrainer(
+            model=model, args=_arguments(settings, scratch_dir, len(train_set)), train_dataset=train_set,
+            eval_dataset=eval_set, data_collator=collator(settings.task, tokenizer, p, seed),
+            eval_collator=(lambda: collator("mlm", tokenizer, p, seed + 1)) if settings.task == "mlm" else None,
+            processing_class=tokenizer, result=result, callbacks=callbacks,
+            compute_metrics=_accuracy if settings.task == "classify" else None)
+    trainer.remove_callback(ProgressCallback)   # one progress bar for all runs: run_all's
     trainer_ref.append(trainer)
-    trainer.evaluate()                         # step 0: the starting point of both runs
-    start = time.perf_counter()
-    with _PeakMemory(cuda) as memory:
-        try:
-            trainer.train()
-        finally:
-            meter.close()
-    result.wall_time_s = time.perf_counter() - start
-    result.peak_memory_bytes, result.memory_measure = memory.peak, memory.measure
-    return result
+    return trainer
 
 
-class _PeakMemory:
-    """Peak memory growth over a ``with`` block (see the module docstring)."""
+def run_all(models: dict, tokenizer, train_set: list[dict], eval_set: list[dict], settings: Settings,
+            scratch_dir: str, show_progress: bool = True) -> tuple[dict[str, RunResult], list[dict]]:
+    """Fine-tune every model of ``{label: model}`` in place, step by step interleaved.
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.peak: int | None = None
-        self.measure = "max_memory_allocated above start" if cuda else "peak RSS above start (sampled 2 ms)"
+    Returns the measurements per label and the first training batches (CPU tensors) of the
+    first model, for the memory phase."""
+    results = {label: RunResult(label) for label in models}
+    trainers = {label: _trainer(model, tokenizer, train_set, eval_set, settings, results[label], scratch_dir)
+                for label, model in models.items()}
+    for trainer in trainers.values():
+        trainer.evaluate()                     # step 0: the starting point of every run
+    steps = {label: lockstep.Stepped(trainer) for label, trainer in trainers.items()}
+    bar = None
 
-    def __enter__(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        _release_free_heap()
-        self.start = _rss()
-        if self.start is None:
-            self.measure = "unavailable (no RSS source on this OS)"
-            return self
-        self.high = self.start
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
+    def start(n_steps: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=n_steps, desc="training", unit="step", dynamic_ncols=True, disable=not show_progress)
 
-    def _sample(self):
-        while not self.stop.wait(0.002):
-            self.high = max(self.high, _rss())
+    def progress(i: int) -> None:
+        bar.update(1)
+        losses = {label: r.losses[-1][1] for label, r in results.items() if r.losses}
+        bar.set_postfix({f"loss {label}": f"{loss:.3f}" for label, loss in losses.items()}, refresh=False)
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        elif self.start is not None:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.high, _rss()) - self.start
-        return False
-
-
-def _rss() -> int | None:
-    """Current resident set size in bytes (Linux /proc, else psutil when installed)."""
+    cuda = next(iter(trainers.values())).args.device.type == "cuda"
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS growth is this run's."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        times = lockstep.lockstep(steps, sync=torch.cuda.synchronize if cuda else None, on_start=start,
+                                  on_step=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for label, result in results.items():
+        result.step_times = times[label]
+        result.wall_time_s = sum(times[label]) + steps[label].between_s
+    return results, next(iter(trainers.values())).kept_batches

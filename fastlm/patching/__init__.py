@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
-from fastlm.patching import architectures, binding, tiers
+from fastlm.patching import architectures, binding, containers, tiers
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED, PatchReport
 
 __all__ = ["patch", "unpatch", "PatchReport"]
@@ -75,8 +75,12 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
 
     A family or feature fastlm cannot serve is left as it was, listed in the report, with
     one warning naming it.  An unavailable ``backend`` or a non-transformers model raises.
-    Patching a patched model first undoes the previous patch.
+    Patching a patched model first undoes the previous patch.  A sentence-transformers model
+    gets each transformers model inside it patched (:mod:`fastlm.patching.containers`).
     """
+    if containers.is_container(model):
+        return containers.patch_inside(model, patch, attention=attention, cross_entropy=cross_entropy,
+                                       unpad=unpad, backend=backend)
     target = _target(model)
     backend = _check_backend(backend)
     if binding.is_bound(target):
@@ -216,6 +220,8 @@ def unpatch(model) -> None:
     changed since (``set_attn_implementation`` on the patched model): that choice stays."""
     from fastlm.patching.attention import NAME, ORIGINAL
 
+    if containers.is_container(model):
+        return containers.unpatch_inside(model, unpatch)
     target = _target(model)
     original = target.__dict__.get(ORIGINAL)
     tiers.detach(target)
