@@ -313,9 +313,13 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
       T* dvp = dv + n * ldv.batch + h * ldv.head + tok * ldv.row;
       for (int64_t i = 0; i < L; ++i) {
         store_row(dqf.data() + i * D, D, g.scale, dqp + i * ldq.row);
-        const bool inside = i >= kmin && i < it.kmax;  // keys outside the mask's range get 0
-        store_row(dkf.data() + (inside ? (i - kmin) * D : 0), D, inside ? 1.0f : 0.0f, dkp + i * ldk.row);
-        store_row(dvf.data() + (inside ? (i - kmin) * D : 0), D, inside ? 1.0f : 0.0f, dvp + i * ldv.row);
+        if (i >= kmin && i < it.kmax) {
+          store_row(dkf.data() + (i - kmin) * D, D, 1.0f, dkp + i * ldk.row);
+          store_row(dvf.data() + (i - kmin) * D, D, 1.0f, dvp + i * ldv.row);
+        } else {  // keys outside the mask's range: zero gradients
+          std::fill(dkp + i * ldk.row, dkp + i * ldk.row + D, static_cast<T>(0.0f));
+          std::fill(dvp + i * ldv.row, dvp + i * ldv.row + D, static_cast<T>(0.0f));
+        }
       }
     }
     if (g.positional()) table_grads.add(begin, std::move(dtables));
