@@ -16,7 +16,9 @@ Mechanisms (each its own module), chosen per family by the table in
 * :mod:`~fastlm.patching.mlm_head`: masked LM in training with labels: head and loss on the
   labelled rows only (``fastlm.ops.linear_cross_entropy``), ``logits=None``;
 * :mod:`~fastlm.patching.causal_lm`: causal LM in training with labels: fused linear
-  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``.
+  cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``;
+* :mod:`~fastlm.patching.deberta`: DeBERTa-v2/v3, whose attention is outside the interface:
+  fused disentangled attention on unpadded tokens (a family ``patcher``).
 
 Everything is bound on the model INSTANCE (``types.MethodType``; originals kept on the
 instance): transformers' classes and module globals are untouched except for the additive
@@ -27,6 +29,7 @@ of the unpatched model.  transformers is imported at the first ``patch`` call, n
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 from fastlm.patching import architectures, binding
@@ -85,11 +88,14 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
                       stacklevel=2)
         return report
 
-    if attention:
-        _patch_attention(target, backend, report)
+    if family.patcher:  # attention outside transformers' interface: the family's own module
+        importlib.import_module(family.patcher).patch(target, backend, report, attention=attention, unpad=unpad)
     else:
-        report.add("attention", NOT_APPLICABLE, "attention=False")
-    _patch_unpad(target, family, unpad, attention, report)
+        if attention:
+            _patch_attention(target, backend, report)
+        else:
+            report.add("attention", NOT_APPLICABLE, "attention=False")
+        _patch_unpad(target, family, unpad, attention, report)
     _patch_head(target, family, cross_entropy, backend, report)
 
     unsupported = [f"{part} ({detail})" for part, status, detail in report.entries if status == UNSUPPORTED]
