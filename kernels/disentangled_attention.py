@@ -363,7 +363,7 @@ def disentangled_attention_backward(dout, q, k, v, pos_key, pos_query, rel_slots
             continue
         call.rows(grad).add_(torch.matmul(dslots, table.float()))
         per_item = torch.matmul(dslots.transpose(-1, -2), call.rows(rows).float())  # (B, H, R, D) or (H, R, D)
-        dtables.append((per_item if lay.packed else per_item.sum(0)).mul_(lay.scale).to(table.dtype))
+        dtables.append(torch.empty_like(table).copy_((per_item if lay.packed else per_item.sum(0)).mul_(lay.scale)))
     return _scaled_like(q, dq, lay.scale), _scaled_like(k, dk, lay.scale), dv, dtables[0], dtables[1]
 
 

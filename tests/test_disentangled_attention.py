@@ -98,14 +98,18 @@ def truth(q, k, v, pos_key, pos_query, slots, key_mask=None, scale=None, keep=No
 # ------------------------------------------------------------------------------ inputs
 def make_inputs(b, h, length, d, slots, c2p=True, p2c=True, dtype=torch.float32, bshd=False, device="cpu"):
     """q, k, v (B, H, L, D) (``bshd``: transposed views of (B, L, H, D), as transformers makes them)
-    and the positional tables (H, R, D) or None, all requiring grad."""
+    and the positional tables (H, R, D) (``bshd``: views of (R, H, D)) or None, all requiring grad."""
     def qkv():
         t = torch.randn(b, length, h, d, dtype=dtype, device=device).transpose(1, 2) if bshd else \
             torch.randn(b, h, length, d, dtype=dtype, device=device)
         return t.requires_grad_(True)
 
-    def table(on):
-        return torch.randn(h, slots, d, dtype=dtype, device=device).requires_grad_(True) if on else None
+    def table(on):  # bshd: (R, H, D) in memory, as transformers projects the relative embeddings
+        if not on:
+            return None
+        t = torch.randn(slots, h, d, dtype=dtype, device=device).transpose(0, 1) if bshd else \
+            torch.randn(h, slots, d, dtype=dtype, device=device)
+        return t.requires_grad_(True)
 
     return qkv(), qkv(), qkv(), table(c2p), table(p2c)
 

@@ -33,7 +33,7 @@
 //   attention's hash of (seed, sequence, head, query, key) (csrc/cuda/attention.h), so the
 //   backward regenerates the forward's mask.
 // * bf16/fp16 operands are converted to fp32 once per item (positional tables once per
-//   call); all accumulation is fp32.
+//   call; fp32 tables are read in place, any head / row strides); all accumulation is fp32.
 #include "flash_tiles.h"
 
 #include <mutex>
@@ -60,6 +60,14 @@ struct Geometry {
   int64_t len(int64_t n) const { return cu ? cu[n + 1] - cu[n] : seqlen; }
   const bool* mask(int64_t n) const { return key_mask ? key_mask + n * seqlen : nullptr; }
   bool positional() const { return c2p || p2c; }
+};
+
+// A positional table in fp32, (heads, R, D) with any head / row strides (unit stride in D):
+// transformers' projections are (R, heads, D) in memory, read here without a copy.
+struct Table {
+  const float* data = nullptr;
+  int64_t head = 0, row = 0;
+  const float* at(int64_t h, int64_t r) const { return data + h * head + r * row; }
 };
 
 // The slots reachable by queries [0, L) and keys [kmin, kmax): [lo, lo + width).
@@ -133,7 +141,7 @@ struct Item {
   // Q (scaled), K and V rows of the key range in fp32, the slot window, C2P and P2C.
   template <typename T>
   void prepare(const Geometry& g, int64_t item, const T* q, Layout lq, const T* k, Layout lk, const T* v,
-               Layout lv, const float* pk, const float* pq) {
+               Layout lv, const Table& pk, const Table& pq) {
     const int64_t D = g.head_dim;
     n = item / g.heads, h = item % g.heads, L = g.len(n);
     mask_key_range(g.mask(n), L, kmin, kmax);
@@ -143,14 +151,14 @@ struct Item {
     load_rows(v + n * lv.batch + h * lv.head + tok * lv.row, lv.row, kmin, kmax, D, 1.0f, vf);
     if (nk <= 0) return;
     win = slot_window(g, L, kmin, kmax);
-    const int64_t W = win.width, R = g.num_slots;
+    const int64_t W = win.width;
     if (g.c2p) {
       c2p.resize(L * W);
-      gemm(false, true, L, W, D, 1.0f, qf.data(), D, pk + (h * R + win.lo) * D, D, 0.0f, c2p.data(), W);
+      gemm(false, true, L, W, D, 1.0f, qf.data(), D, pk.at(h, win.lo), pk.row, 0.0f, c2p.data(), W);
     }
     if (g.p2c) {
       p2c.resize(nk * W);
-      gemm(false, true, nk, W, D, g.scale, kf.data(), D, pq + (h * R + win.lo) * D, D, 0.0f, p2c.data(), W);
+      gemm(false, true, nk, W, D, g.scale, kf.data(), D, pq.at(h, win.lo), pq.row, 0.0f, p2c.data(), W);
     }
   }
 
@@ -161,7 +169,7 @@ struct Item {
 // ------------------------------------------------------------------ forward
 template <typename T>
 void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv,
-                    const float* pk, const float* pq, T* out, Layout lout, float* lse, Layout ll) {
+                    const Table& pk, const Table& pq, T* out, Layout lout, float* lse, Layout ll) {
   const int64_t D = g.head_dim;
   at::parallel_for(0, g.nseq * g.heads, 1, [&](int64_t begin, int64_t end) {
     Item it;
@@ -229,7 +237,7 @@ struct TableGrads {
 
 template <typename T>
 void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
-                     const T* v, Layout lv, const float* pk, const float* pq, const T* out, Layout lout,
+                     const T* v, Layout lv, const Table& pk, const Table& pq, const T* out, Layout lout,
                      const float* lse, Layout ll, T* dq, Layout ldq, T* dk, Layout ldk, T* dv, Layout ldv,
                      TableGrads& table_grads) {
   const int64_t D = g.head_dim, R = g.num_slots, table = g.heads * R * D;
@@ -297,14 +305,12 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
         }
       }
       if (nk > 0 && g.c2p) {  // dQ += dC2P pk (scaled at the store), dpk += dC2P^T (scale Q)
-        const float* pkw = pk + (h * R + it.win.lo) * D;
-        gemm(false, false, L, D, W, 1.0f, dc2p.data(), W, pkw, D, 1.0f, dqf.data(), D);
+        gemm(false, false, L, D, W, 1.0f, dc2p.data(), W, pk.at(h, it.win.lo), pk.row, 1.0f, dqf.data(), D);
         gemm(true, false, W, D, L, 1.0f, dc2p.data(), W, it.qf.data(), D, 1.0f,
              dtables.data() + (h * R + it.win.lo) * D, D);
       }
       if (nk > 0 && g.p2c) {  // dK += scale dP2C pq, dpq += scale dP2C^T K
-        const float* pqw = pq + (h * R + it.win.lo) * D;
-        gemm(false, false, nk, D, W, g.scale, dp2c.data(), W, pqw, D, 1.0f, dkf.data(), D);
+        gemm(false, false, nk, D, W, g.scale, dp2c.data(), W, pq.at(h, it.win.lo), pq.row, 1.0f, dkf.data(), D);
         gemm(true, false, W, D, nk, g.scale, dp2c.data(), W, it.kf.data(), D, 1.0f,
              dtables.data() + table + (h * R + it.win.lo) * D, D);
       }
@@ -397,11 +403,12 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
   return g;
 }
 
-Tensor fp32_table(const c10::optional<Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat).contiguous() : Tensor();
+// fp32 (a conversion only for bf16 / fp16) with a unit last stride; `hold` keeps it alive.
+Table fp32_table(const c10::optional<Tensor>& t, Tensor& hold) {
+  if (!t.has_value()) return Table{};
+  hold = last_dim_contiguous(t->to(at::kFloat));
+  return Table{hold.data_ptr<float>(), hold.stride(0), hold.stride(1)};
 }
-
-const float* data_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 Tensor lse_empty(const Tensor& q, const Geometry& g, bool packed) {
   auto opts = q.options().dtype(at::kFloat);
@@ -421,14 +428,15 @@ std::tuple<Tensor, Tensor> disentangled_attention_forward_cpu(
   const Geometry g = make_geometry(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen,
                                    dropout_p, scale, seed, mask_hold);
   const bool packed = cu_seqlens.has_value();
-  const Tensor pk = fp32_table(pos_key), pq = fp32_table(pos_query);
+  Tensor pk_hold, pq_hold;
+  const Table pk = fp32_table(pos_key, pk_hold), pq = fp32_table(pos_query, pq_hold);
   Tensor out = at::empty_like(q_in);
   Tensor lse = lse_empty(q, g, packed);
   dispatch_dtype(q.scalar_type(), "fastlm disentangled_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     forward_kernel<scalar_t>(g, q.data_ptr<scalar_t>(), layout_of(q, packed), k.data_ptr<scalar_t>(),
-                             layout_of(k, packed), v.data_ptr<scalar_t>(), layout_of(v, packed), data_or_null(pk),
-                             data_or_null(pq), out.data_ptr<scalar_t>(), layout_of(out, packed),
+                             layout_of(k, packed), v.data_ptr<scalar_t>(), layout_of(v, packed), pk, pq,
+                             out.data_ptr<scalar_t>(), layout_of(out, packed),
                              lse.data_ptr<float>(), lse_layout(lse, packed));
   });
   return {out, lse};
@@ -452,14 +460,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> disentangled_attention_backwa
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == lse_empty(q, g, packed).sizes(), op,
               ": lse must be float32 of the forward's shape");
   const Tensor lse = lse_in.contiguous();
-  const Tensor pk = fp32_table(pos_key), pq = fp32_table(pos_query);
+  Tensor pk_hold, pq_hold;
+  const Table pk = fp32_table(pos_key, pk_hold), pq = fp32_table(pos_query, pq_hold);
   Tensor dq = at::empty_like(q_in), dk = at::empty_like(k_in), dv = at::empty_like(v_in);
   TableGrads table_grads;
   dispatch_dtype(q.scalar_type(), "fastlm disentangled_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     backward_kernel<scalar_t>(g, dout.data_ptr<scalar_t>(), layout_of(dout, packed), q.data_ptr<scalar_t>(),
                               layout_of(q, packed), k.data_ptr<scalar_t>(), layout_of(k, packed),
-                              v.data_ptr<scalar_t>(), layout_of(v, packed), data_or_null(pk), data_or_null(pq),
+                              v.data_ptr<scalar_t>(), layout_of(v, packed), pk, pq,
                               out.data_ptr<scalar_t>(), layout_of(out, packed), lse.data_ptr<float>(),
                               lse_layout(lse, packed), dq.data_ptr<scalar_t>(), layout_of(dq, packed),
                               dk.data_ptr<scalar_t>(), layout_of(dk, packed), dv.data_ptr<scalar_t>(),
@@ -471,8 +480,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> disentangled_attention_backwa
     std::vector<float> sum = table_grads.total(2 * table);
     const auto opts = q.options().dtype(at::kFloat);
     const auto shape = std::vector<int64_t>{g.heads, g.num_slots, g.head_dim};
-    if (g.c2p) dpk = at::from_blob(sum.data(), shape, opts).to(q.scalar_type(), false, true);
-    if (g.p2c) dpq = at::from_blob(sum.data() + table, shape, opts).to(q.scalar_type(), false, true);
+    // shaped and strided like the tables (as every backend returns them)
+    if (g.c2p) dpk = at::empty_like(*pos_key).copy_(at::from_blob(sum.data(), shape, opts));
+    if (g.p2c) dpq = at::empty_like(*pos_query).copy_(at::from_blob(sum.data() + table, shape, opts));
   }
   return {dq, dk, dv, dpk, dpq};
 }

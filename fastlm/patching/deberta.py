@@ -145,9 +145,10 @@ def _attention_forward(backend: str):
             kwargs = dict(scale=scale, dropout_p=self.dropout.p if self.training else 0.0, backend=backend)
             if self.relative_attention:
                 kwargs.update(position_buckets=self.position_buckets, max_relative_positions=self.max_relative_positions)
-            if attention_mask.cu_seqlens is not None:  # (1, T, H, D) -> (T, H, D)
-                out = varlen_disentangled_attention(q[0], k[0], v[0], pos_key, pos_query, attention_mask.cu_seqlens,
-                                                    attention_mask.max_seqlen, **kwargs)[None]
+            if attention_mask.cu_seqlens is not None:  # (1, T, H, D) -> (T, H, D) views (no copy back)
+                out = varlen_disentangled_attention(q.squeeze(0), k.squeeze(0), v.squeeze(0), pos_key, pos_query,
+                                                    attention_mask.cu_seqlens, attention_mask.max_seqlen,
+                                                    **kwargs).unsqueeze(0)
             else:  # (B, L, H, D) -> (B, H, L, D) views
                 out = disentangled_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos_key,
                                              pos_query, key_padding_mask=attention_mask.key_padding_mask,
