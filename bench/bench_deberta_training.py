@@ -8,7 +8,7 @@ vocabulary 128,100, 256 position buckets; random weights, no download), dropout 
 (0.1).
 
     python bench/bench_deberta_training.py               # batch 16, max length 256 (CPU: fp32, 2 threads here)
-    python bench/bench_deberta_training.py --gpu-check   # GPU: batch 32, max length 512, bf16 autocast
+    python bench/bench_deberta_training.py --gpu-check   # GPU: the same shape, bf16 autocast, 5 steps
     python bench/bench_deberta_training.py --quick       # 2 layers, batch 4, max length 64
 
 Timing: the two models (same weights) train side by side, step by step, interleaved
@@ -45,7 +45,7 @@ XSMALL = dict(vocab_size=128100, hidden_size=384, num_hidden_layers=12, num_atte
               pooler_hidden_size=384, pooler_dropout=0, pooler_hidden_act="gelu", num_labels=2)
 PRESETS = {
     "full": dict(batch=16, max_length=256, steps=5, layers=12),
-    "gpu-check": dict(batch=32, max_length=512, steps=12, layers=12),
+    "gpu-check": dict(batch=16, max_length=256, steps=5, layers=12),
     "quick": dict(batch=4, max_length=64, steps=3, layers=2),
 }
 PROVIDERS = ("hf", "fastlm")
@@ -72,7 +72,7 @@ def batches(size: dict, device, count: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def build(provider: str, size: dict, device, dropout: bool = True):
+def build(provider: str, size: dict, device, dropout: bool = True, backend: str = "auto"):
     """(model, optimizer) for a provider: the same seeded weights for both."""
     import transformers
 
@@ -84,7 +84,7 @@ def build(provider: str, size: dict, device, dropout: bool = True):
     if provider == "fastlm":
         import fastlm
 
-        print(fastlm.patch(model), file=sys.stderr)
+        print(fastlm.patch(model, backend=backend), file=sys.stderr)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
@@ -105,11 +105,12 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def measure_memory(provider: str, preset: str, device) -> float:
-    """Peak memory growth in MiB of ``steps`` training steps after a warm-up step (this process)."""
+def measure_memory(provider: str, preset: str, device, backend: str) -> float:
+    """Peak memory growth in MiB of two training steps after a warm-up step (in this process:
+    a fresh one on CPU, see fresh_process_memory)."""
     size = PRESETS[preset]
     data = batches(size, device, 3)
-    model, opt = build(provider, size, device)
+    model, opt = build(provider, size, device, backend=backend)
     autocast = device.type == "cuda"
     train_step(model, opt, data[0], autocast)
     if device.type == "cuda":
@@ -126,10 +127,12 @@ def measure_memory(provider: str, preset: str, device) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def fresh_process_memory(provider: str, preset: str, device) -> float | None:
+def fresh_process_memory(provider: str, preset: str, device, backend: str) -> float | None:
+    if device.type == "cuda":  # the allocator's own peak: no fresh process needed
+        return measure_memory(provider, preset, device, backend)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", provider, "--preset", preset,
-           "--device", str(device)]
+           "--device", str(device), "--backend", backend]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"memory run of {provider} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -141,12 +144,16 @@ def fresh_process_memory(provider: str, preset: str, device) -> float | None:
 def main(argv=None) -> int:
     parser = harness.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="interleaved steps per provider")
+    parser.add_argument("--backend", default=None,
+                        help="fastlm backend (default: auto on CPU; triton on a GPU, where auto would not pick "
+                             "the GPU-unverified kernels)")
     parser.add_argument("--memory-of", default=None, help=argparse_hidden())
     parser.add_argument("--preset", default=None, help=argparse_hidden())
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else harness.default_device()
+    backend = args.backend or ("triton" if device.type == "cuda" else "auto")
     if args.memory_of:  # the fresh-process half (see fresh_process_memory)
-        print(json.dumps({"peak_mb": measure_memory(args.memory_of, args.preset, device)}))
+        print(json.dumps({"peak_mb": measure_memory(args.memory_of, args.preset, device, backend)}))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     preset = "quick" if args.quick else "gpu-check" if args.gpu_check or device.type == "cuda" else "full"
@@ -159,16 +166,16 @@ def main(argv=None) -> int:
     real = sum(int(b["attention_mask"].sum()) for b in data) / steps
     padded = sum(b["attention_mask"].numel() for b in data) / steps
     autocast = device.type == "cuda"
-    bundles = {name: build(name, size, device) for name in names}
+    bundles = {name: build(name, size, device, backend=backend) for name in names}
     times = interleave({name: (lambda i, name=name: train_step(*bundles[name], data[i], autocast))
                         for name in names}, steps, sync=torch.cuda.synchronize if device.type == "cuda" else None)
     bundles.clear()
     first = {}
     for name in names:  # first-step loss, dropout off, same weights and batch
-        model, _ = build(name, size, device, dropout=False)
+        model, _ = build(name, size, device, dropout=False, backend=backend)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             first[name] = float(model(**copy.deepcopy(data[0])).loss)
-    memory = {name: fresh_process_memory(name, preset, device) for name in names}
+    memory = {name: fresh_process_memory(name, preset, device, backend) for name in names}
 
     env = harness.environment(device)
     rows = []

@@ -75,7 +75,7 @@ def _dis_fwd(
 ):
     # One program: BLOCK_M queries of one (sequence, head); K, V and the gathered
     # positional terms are read once per query block.
-    start_m, off_b, off_h, _, start, length, _, _, offs_m, offs_d, row_ok, d_ok, lse_row = \
+    start_m, off_b, off_h, _hk, start, length, _k0, _lk, offs_m, offs_d, row_ok, d_ok, lse_row = \
         _query_block(CU, CU, seqlen, seqlen, num_heads, 1, stride_lb, stride_lh, HEAD_DIM, BLOCK_D, IS_VARLEN,
                      BLOCK_M)
     if start_m * BLOCK_M >= length:
@@ -98,8 +98,8 @@ def _dis_fwd(
         kv_ok = kj < length
         kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None],
                      other=0.0)
-        s, _, _ = _positional(_mma(q, kt, DOT_PRECISION), offs_m[:, None], kj[None, :], length, SLOTS, center,
-                              c2p_base, p2c_base, num_slots, HAS_C2P, HAS_P2C)
+        s, _slot, _pair_ok = _positional(_mma(q, kt, DOT_PRECISION), offs_m[:, None], kj[None, :], length, SLOTS,
+                                         center, c2p_base, p2c_base, num_slots, HAS_C2P, HAS_P2C)
         s = s * qk_scale
         vis = _visible(offs_m[:, None], kj[None, :], length, length, kpm, stride_mn, 0, HAS_MASK, 0, False)
         s = tl.where(vis, s, float("-inf"))
@@ -216,7 +216,7 @@ def _dis_bwd_dq(
     IS_VARLEN: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, off_b, off_h, _, start, length, _, _, offs_m, offs_d, row_ok, d_ok, lse_row = \
+    start_m, off_b, off_h, _hk, start, length, _k0, _lk, offs_m, offs_d, row_ok, d_ok, lse_row = \
         _query_block(CU, CU, seqlen, seqlen, num_heads, 1, stride_lb, stride_lh, HEAD_DIM, BLOCK_D, IS_VARLEN,
                      BLOCK_M)
     if start_m * BLOCK_M >= length:

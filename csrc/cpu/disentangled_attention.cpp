@@ -7,7 +7,9 @@
 //
 // Blocked like csrc/cpu/attention.cpp (flash-style, online softmax, sgemm on fp32 tiles,
 // the helpers of csrc/cpu/flash_tiles.h), never an L x L matrix:
-// * work item = (sequence, head), at::parallel_for over items.  Per item the distances of
+// * work item = (sequence, head).  Items go to the threads longest first, each onto the
+//   least loaded thread (cost ~ L^2; packed batches mix lengths), one list per thread, so
+//   the split is balanced and depends only on the lengths and the thread count.  Per item the distances of
 //   its visible pairs, i - j for j in the padding mask's key range [kmin, kmax), cover a
 //   contiguous window of slots [lo, lo + W) (the slot table is monotone), W <= min(2L - 1, R).
 // * positional products per item, once: C2P = (scale Q) pk[lo:lo+W]^T (L x W) and
@@ -24,8 +26,8 @@
 //   per-row slot gradients dC2P[i][t] += dS_ij, dP2C[j][t] += dS_ij (L x W each, the
 //   transposes of the gathers).  After the tiles, four sgemms fold them back:
 //   dQ += dC2P pk, dK += scale dP2C pq, dpk += dC2P^T (scale Q), dpq += scale dP2C^T K.
-//   dpk / dpq sum over the whole batch: each parallel chunk accumulates its own fp32
-//   (H, R, D) copy, summed afterwards in chunk order (deterministic for a thread count).
+//   dpk / dpq sum over the whole batch: each thread's list accumulates its own fp32
+//   (H, R, D) copy, summed afterwards in list order (deterministic for a thread count).
 // * padding: keys outside the mask's [kmin, kmax) are never touched, key blocks the mask
 //   hides entirely are skipped, holes are masked per key.  A query row that sees no key
 //   outputs 0, lse = -inf and gets zero gradients.
@@ -166,16 +168,43 @@ struct Item {
   const float* p2c_or_null(const Geometry& g) const { return g.p2c ? p2c.data() : nullptr; }
 };
 
+// The items (sequence n, head h) = n * heads + h, one list per thread (see the header).
+std::vector<std::vector<int64_t>> balanced_items(const Geometry& g) {
+  const int64_t items = g.nseq * g.heads;
+  const int64_t bins = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  auto cost = [&](int64_t item) { const int64_t L = g.len(item / g.heads); return L * L + L + 1; };
+  std::vector<int64_t> order(items);
+  for (int64_t i = 0; i < items; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::vector<std::vector<int64_t>> out(bins);
+  std::vector<int64_t> load(bins, 0);
+  for (int64_t item : order) {
+    const int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
+    out[b].push_back(item);
+    load[b] += cost(item);
+  }
+  return out;
+}
+
+// Runs body(items, list) on the threads, once per list of balanced_items (in parallel).
+template <typename F>
+void for_each_list(const Geometry& g, F&& body) {
+  const auto lists = balanced_items(g);
+  at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) body(lists[b], b);
+  });
+}
+
 // ------------------------------------------------------------------ forward
 template <typename T>
 void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv,
                     const Table& pk, const Table& pq, T* out, Layout lout, float* lse, Layout ll) {
   const int64_t D = g.head_dim;
-  at::parallel_for(0, g.nseq * g.heads, 1, [&](int64_t begin, int64_t end) {
+  for_each_list(g, [&](const std::vector<int64_t>& items, int64_t list) {
     Item it;
     std::vector<float> s(kBlockQ * kBlockK), acc(kBlockQ * D);
     float m[kBlockQ], l[kBlockQ];
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item : items) {
       it.prepare(g, item, q, lq, k, lk, v, lv, pk, pq);
       const int64_t n = it.n, h = it.h, tok = g.t0(n);
       for (int64_t i0 = 0; i0 < it.L; i0 += kBlockQ) {
@@ -217,14 +246,14 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
 }
 
 // ------------------------------------------------------------------ backward
-// Per-chunk fp32 sums of the positional-table gradients, added up in chunk order.
+// Per-list fp32 sums of the positional-table gradients, added up in list order.
 struct TableGrads {
   std::mutex lock;
-  std::vector<std::pair<int64_t, std::vector<float>>> parts;  // (chunk begin, (2, H, R, D))
+  std::vector<std::pair<int64_t, std::vector<float>>> parts;  // (list, (2, H, R, D))
 
-  void add(int64_t begin, std::vector<float>&& part) {
+  void add(int64_t list, std::vector<float>&& part) {
     std::lock_guard<std::mutex> guard(lock);
-    parts.emplace_back(begin, std::move(part));
+    parts.emplace_back(list, std::move(part));
   }
   std::vector<float> total(size_t size) {
     std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -241,12 +270,12 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
                      const float* lse, Layout ll, T* dq, Layout ldq, T* dk, Layout ldk, T* dv, Layout ldv,
                      TableGrads& table_grads) {
   const int64_t D = g.head_dim, R = g.num_slots, table = g.heads * R * D;
-  at::parallel_for(0, g.nseq * g.heads, 1, [&](int64_t begin, int64_t end) {
+  for_each_list(g, [&](const std::vector<int64_t>& items, int64_t list) {
     Item it;
     std::vector<float> dof, dqf, dkf, dvf, dc2p, dp2c, lrow, delta;
     std::vector<float> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
     std::vector<float> dtables(g.positional() ? 2 * table : 0, 0.0f);  // this chunk's (dpk, dpq)
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item : items) {
       it.prepare(g, item, q, lq, k, lk, v, lv, pk, pq);
       const int64_t n = it.n, h = it.h, L = it.L, tok = g.t0(n), kmin = it.kmin, nk = it.kmax - kmin;
       const int64_t W = it.win.width;
@@ -328,7 +357,7 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
         }
       }
     }
-    if (g.positional()) table_grads.add(begin, std::move(dtables));
+    if (g.positional()) table_grads.add(list, std::move(dtables));
   });
 }
 
