@@ -4,7 +4,8 @@
     python bench/bench_cross_entropy.py --gpu-check   # the short GPU run of bench/gpu_check.sh
     python bench/bench_cross_entropy.py --quick       # CPU: small shapes, a couple of minutes
     python bench/bench_cross_entropy.py --cpu-targets # CPU: the issue's MLM sizes (4096 tokens), full mode,
-                                                      #      plus fresh-process peak memory (~10 min on 2 cores)
+                                                      #      plus fresh-process peak memory (~10 min on 2 cores;
+                                                      #      --memory-only: the memory alone)
     python bench/report.py bench/results/cross_entropy.csv
 
 Cases
@@ -24,12 +25,15 @@ Cases
   CE: no (T, V) logits).  Compare time and ``peak_mb``.
 
 CPU memory: the harness's CPU ``peak_mb`` samples RSS growth inside a process whose
-allocator already holds freed blocks, so a provider that reuses them reads ~0.  For the
-MLM cases on CPU this script therefore also runs each provider once (forward+backward)
-in a fresh child process with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every block
-over 64 KiB is mapped on allocation and unmapped on free, so RSS follows live memory),
-after a warm-up on 64 tokens, and reports the sampled RSS peak over the inputs
-(``cpu_fresh_peak_mb``, appended to ``bench/results/cross_entropy_cpu_memory.csv|json``).
+allocator already holds freed blocks, and a sampler misses short peaks.  For the MLM
+cases on CPU this script therefore also runs each provider once (forward+backward) in a
+fresh child process, after a warm-up on 64 tokens, and reports the growth of the
+kernel's own resident high-water mark across that one step: ``VmHWM`` after it minus
+``VmRSS`` before it, with ``VmHWM`` reset first (``/proc/self/clear_refs``).  glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` maps every block over 64 KiB on allocation and unmaps it
+on free, so the high-water mark follows live memory rather than the allocator's cache.
+The inputs are allocated before the step and not counted; the gradients it returns are.
+(``vmhwm_growth_mb``, appended to ``bench/results/cross_entropy_cpu_memory.csv|json``.)
 """
 from __future__ import annotations
 
@@ -126,24 +130,33 @@ def providers() -> list[Provider]:
     return [Provider("torch", _torch), *harness.fastlm_providers(_fastlm)]
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def _memory_child(case_name: str, provider_name: str, dtype: torch.dtype) -> None:
-    """Child process: one forward+backward of one MLM provider; prints its RSS peak (MiB)."""
+    """Child process: one forward+backward of one MLM provider; prints its VmHWM growth (MiB)."""
     hidden = int(case_name.split("-h")[1])
     fn = {p.name: p.fn for p in providers()}[provider_name]
 
     def step(case):
         inputs = case.make_inputs(torch.device("cpu"))
         leaves = [inputs[name].requires_grad_() for name in case.grad]
-        with harness._RssPeak() as probe:
-            torch.autograd.grad(fn(inputs), leaves)
-        return probe.growth
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        start = _status_kib("VmRSS")
+        grads = torch.autograd.grad(fn(inputs), leaves)
+        growth = _status_kib("VmHWM") - start
+        del grads
+        return growth * 1024
 
     step(mlm_case(64, hidden, dtype))  # warm-up: libraries, kernels, lazy imports
     print(json.dumps({"peak_mb": step(mlm_case(int(case_name[3:].split("-")[0]), hidden, dtype)) / 2**20}))
 
 
 def cpu_fresh_memory(cases: list[Case], names: list[str], dtype: torch.dtype, results_dir, record: bool) -> None:
-    """Fresh-process CPU peak memory of every MLM case x provider (see the module docstring)."""
+    """Fresh-process VmHWM growth of every MLM case x provider (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for case in (c for c in cases if c.name.startswith("mlm")):
@@ -159,15 +172,15 @@ def cpu_fresh_memory(cases: list[Case], names: list[str], dtype: torch.dtype, re
                 continue
             peak = json.loads(lines[-1])["peak_mb"]
             base = peak if name == "torch" else base
-            rows.append({"case": case.name, "provider": name, "status": "ok", "cpu_fresh_peak_mb": round(peak, 1),
+            rows.append({"case": case.name, "provider": name, "status": "ok", "vmhwm_growth_mb": round(peak, 1),
                          "vs_torch": round(peak / base, 3) if base else None, **case.params})
-    print("\nCPU peak memory, forward+backward, fresh process (MiB over the inputs; x = vs torch):\n")
+    print("\nCPU peak resident growth (VmHWM), forward+backward, fresh process (MiB; x = vs torch):\n")
     print("| case | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for case_name in dict.fromkeys(r["case"] for r in rows):
         cells = []
         for name in names:
             r = next(r for r in rows if r["case"] == case_name and r["provider"] == name)
-            cells.append(f"{r['cpu_fresh_peak_mb']:.0f} ({r['vs_torch']}x)" if r["status"] == "ok" else r["reason"])
+            cells.append(f"{r['vmhwm_growth_mb']:.0f} ({r['vs_torch']}x)" if r["status"] == "ok" else r["reason"])
         print(f"| {case_name} | " + " | ".join(cells) + " |")
     if record and rows:
         meta = harness.environment(torch.device("cpu"))
@@ -180,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--cpu-targets", action="store_true",
                         help="CPU: the issue's MLM sizes, full mode, with fresh-process peak memory")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="with --cpu-targets: only the fresh-process memory, no timing")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "PROVIDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -194,7 +209,8 @@ def main(argv=None) -> int:
         kwargs["modes"] = ("full",)  # the targets are forward+backward; keeps gpu_check.sh's budget
     cases = cases_for(preset, dtype)
     chosen = harness.select_providers(providers(), args.providers)
-    harness.run("cross_entropy", cases, chosen, baseline="torch", **kwargs)
+    if not args.memory_only:
+        harness.run("cross_entropy", cases, chosen, baseline="torch", **kwargs)
     if device.type == "cpu" and preset == "cpu-targets":
         names = [p.name for p in chosen if p.skip_reason(cases[-1], device, "full") is None]
         cpu_fresh_memory(cases, names, dtype, args.results_dir, not args.no_record)

@@ -46,7 +46,12 @@ API
 ``Recorder(name, results_dir=None)``; ``environment(device)``; ``summarize(times)``.
 ``arg_parser(description)`` / ``run_kwargs(args)``: the flags every bench script shares
 (``--quick`` for a small CPU run, ``--gpu-check`` for the short GPU-sized run of
-``bench/gpu_check.sh``, ``--device``, ``--modes``, ``--providers``, ``--rep-ms`` ...).
+``bench/gpu_check.sh``, ``--dry-run`` for that script's dry run: the ``--quick`` sizes,
+only the first case, one timed call each, no ceilings; ``--device``, ``--modes``,
+``--providers``, ``--rep-ms`` ...).
+``backend_skip_reason(backend, device)``: why a fastlm backend cannot be timed here.
+``ResidentPeak``: the growth of the kernel's resident high-water mark (``VmHWM``) across a
+block of code (CPU peak memory in a fresh process, see below).
 
 Modes: ``forward`` times ``fn``; ``backward`` runs ``fn`` once per input set (untimed)
 and times ``torch.autograd.grad`` of its outputs (fixed random output gradients,
@@ -70,6 +75,11 @@ shorter than the sampling interval, are not seen.  Running the script with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc) makes large tensors come from, and go back
 to, the OS, so the growth then tracks them better.  Compare CPU memory numbers only
 between large differences.
+
+For a number that no short peak escapes, :class:`ResidentPeak` resets the kernel's own
+high-water mark (``VmHWM``, writing 5 to ``/proc/self/clear_refs``) and reports its growth
+over the resident size before the block; run it in a fresh process with
+``MALLOC_MMAP_THRESHOLD_=65536`` (bench/bench_training.py does).
 
 Nothing here asserts a time; tests of the harness live in ``tests/test_bench_harness.py``.
 """
@@ -96,7 +106,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 MODES = ("forward", "backward", "full")
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "torch", "triton", "cuda")  # a name this fastlm lacks: skipped, with the reason
 BENCH_DIR = Path(__file__).resolve().parent
 MAX_INPUT_SETS = 8
 
@@ -144,7 +154,7 @@ class Provider:
         return self.skip(case, device) if self.skip is not None else None
 
 
-def _skip_exceptions() -> tuple:
+def skip_exceptions() -> tuple:
     excs = [Unsupported, NotImplementedError]
     try:
         from fastlm.registry import BackendError
@@ -153,6 +163,28 @@ def _skip_exceptions() -> tuple:
     except Exception:  # fastlm not importable: nothing more to recognise
         pass
     return tuple(excs)
+
+
+def backend_skip_reason(backend: str, device: torch.device | str) -> str | None:
+    """Why fastlm backend ``backend`` cannot be timed on ``device`` tensors in this process
+    (not registered, unavailable, wrong device, or the Triton interpreter), or None."""
+    device = torch.device(device)
+    try:
+        from fastlm import registry
+    except Exception as exc:
+        return f"fastlm not importable: {type(exc).__name__}: {exc}"
+    b = registry.BACKENDS.get(backend)
+    if b is None:
+        return f"backend {backend!r} is not registered in this fastlm ({', '.join(registry.BACKENDS)})"
+    why = b.unavailable_reason()
+    if why:
+        return why
+    if backend == "triton" and registry.triton_interpreted():
+        return "TRITON_INTERPRET=1: the Triton interpreter is not benchmarked"
+    devices = b.devices()
+    if devices and device.type not in devices:
+        return f"{backend} runs on {'/'.join(sorted(devices))} tensors, not {device.type}"
+    return None
 
 
 def fastlm_providers(call: Callable[[dict, str], Any], backends: Iterable[str] = BACKENDS,
@@ -168,20 +200,10 @@ def fastlm_providers(call: Callable[[dict, str], Any], backends: Iterable[str] =
     """
     def make(backend: str) -> Provider:
         def reason(case: Case, device: torch.device) -> str | None:
-            try:
-                from fastlm import registry
-            except Exception as exc:
-                return f"fastlm not importable: {type(exc).__name__}: {exc}"
-            b = registry.BACKENDS[backend]
-            why = b.unavailable_reason()
-            if why:
-                return why
-            if backend == "triton" and registry.triton_interpreted():
-                return "TRITON_INTERPRET=1: the Triton interpreter is not benchmarked"
-            devices = b.devices()
-            if devices and device.type not in devices:
-                return f"{backend} runs on {'/'.join(sorted(devices))} tensors, not {device.type}"
-            return skip(case, device, backend) if skip is not None else None
+            why = backend_skip_reason(backend, device)
+            if why is None and skip is not None:
+                why = skip(case, device, backend)
+            return why
 
         return Provider(name.format(backend=backend), lambda inputs: call(inputs, backend), reason)
 
@@ -331,6 +353,47 @@ def peak_memory_mb(call: Callable[[], Any], device: torch.device) -> float | Non
         result = call()
     del result
     return None if probe.growth is None else probe.growth / 2**20
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class ResidentPeak:
+    """``with ResidentPeak() as peak: ...`` -> ``peak.growth``: bytes by which the kernel's
+    resident high-water mark (``VmHWM``) rose above the resident size at entry.
+
+    At entry it collects garbage, returns freed heap to the OS (``malloc_trim``) and resets
+    ``VmHWM`` to the current RSS (Linux >= 4.0).  Where the reset is refused, ``reset`` is
+    False and ``growth`` counts from the process's earlier high-water mark (a lower bound)."""
+
+    def __enter__(self):
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.start = _status_bytes("VmRSS")
+        self.growth = None
+        return self
+
+    def __exit__(self, *exc):
+        self.growth = max(0, _status_bytes("VmHWM") - self.start)
+        return False
 
 
 # -------------------------------------------------------------------------- ceilings
@@ -539,7 +602,7 @@ def measure(case: Case, provider: Provider, mode: str, device: torch.device, set
         stats = summarize(times)
         row.update(status="ok", reason="", peak_mb=peak, **stats)
         row.update(derived(stats["ms_median"], flops, nbytes, ceilings))
-    except _skip_exceptions() as exc:
+    except skip_exceptions() as exc:
         row.update(status="skipped", reason=f"{type(exc).__name__}: {exc}".strip()[:300])
     except Exception as exc:  # recorded, never fatal: the next provider still runs
         msg = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
@@ -559,13 +622,14 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
         rep_ms: float | None = None, min_reps: int | None = None, max_reps: int = 1000,
         rotate: bool = True, ceilings: bool = True, record: bool = True,
         results_dir: str | Path | None = None, progress: bool = True, memory: bool = True,
-        print_table: bool = True, baseline: str | None = None) -> list[dict]:
+        print_table: bool = True, baseline: str | None = None, cases_limit: int | None = None) -> list[dict]:
     """Measure every (case, provider, mode); record and print the results (see module doc).
 
     Rows are appended to the results files after each case, so a run cut off by a time
     limit keeps the cases it finished.  ``baseline`` names the provider the report's
-    speedups are relative to (recorded in every row).
+    speedups are relative to (recorded in every row).  ``cases_limit``: only the first cases.
     """
+    cases = cases[:cases_limit] if cases_limit is not None else cases
     device = torch.device(device) if device is not None else default_device()
     gpu = device.type == "cuda"
     warmup_ms = warmup_ms if warmup_ms is not None else (25.0 if gpu else 20.0)
@@ -691,6 +755,16 @@ class Recorder:
 
 
 # ------------------------------------------------------------------------------ CLI
+class _DryRun(argparse.Action):
+    """``--dry-run`` also sets ``--quick``, so every script picks its small sizes."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.dry_run = namespace.quick = True
+
+
 def arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags every bench script shares (add your own before ``parse_args``)."""
     p = argparse.ArgumentParser(description=description)
@@ -698,6 +772,9 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="small shapes, minutes on a laptop CPU")
     size.add_argument("--gpu-check", action="store_true",
                       help="the short GPU-sized run of bench/gpu_check.sh (a minute or two)")
+    p.add_argument("--dry-run", action=_DryRun,
+                   help="bench/gpu_check.sh's dry run: --quick sizes, first case only, one timed call, no ceilings "
+                        "(a script with a tiny variant of its --gpu-check workloads reads args.dry_run)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of forward,backward,full")
     p.add_argument("--providers", default=None, help="comma-separated provider names to keep (default: all)")
@@ -725,6 +802,8 @@ def run_kwargs(args: argparse.Namespace) -> dict:
     if getattr(args, "gpu_check", False):  # gpu_check.sh gives each bench script about a minute
         kw["rep_ms"] = 50.0 if args.rep_ms is None else args.rep_ms
         kw["warmup_ms"] = 10.0 if args.warmup_ms is None else args.warmup_ms
+    if getattr(args, "dry_run", False):  # gpu_check.sh's dry run: every code path, as little work as possible
+        kw.update(cases_limit=1, min_reps=1, max_reps=1, warmup_ms=0.0, rep_ms=0.0, ceilings=False)
     return kw
 
 

@@ -46,19 +46,39 @@ def collect() -> dict:
         data["backends"][name] = {"summary": backend.summary, "devices": devices,
                                   "available": why is None, "reason": why}
     for op in registry.ops():
-        rows = {}
-        for name in registry.PRIORITY:
-            impl = registry.table(op).get(name)
-            if impl is None:
-                continue
-            rows[name] = {
-                "dtypes": [str(d).replace("torch.", "") for d in impl.dtypes],
-                "status": impl.status,
-                "auto": registry.BACKENDS[name].unavailable_reason() is None
-                and (not registry.BACKENDS[name].runs_on_gpu or impl.verified is not None),
-            }
-        data["ops"][op] = rows
+        rows = registry.table(op)
+        every = frozenset().union(*(impl.features for impl in rows.values()))  # the op's features
+        data["ops"][op] = {name: _row(impl, every) for name, impl in
+                           ((n, rows[n]) for n in registry.BACKENDS if n in rows)}
+    data["composites"] = {op: {"via": via, "how": how} for op, (via, how) in registry.composites().items()}
     return data
+
+
+def _row(impl, every: frozenset) -> dict:
+    """One implementation row's limits, status and auto eligibility, as plain data."""
+    missing = sorted(every - impl.features)
+    return {
+        "dtypes": [str(d).replace("torch.", "") for d in impl.dtypes],
+        "head_dims": None if impl.head_dims is None else str(impl.head_dims),
+        "max_length": impl.max_length,
+        "features": sorted(impl.features),
+        "features_missing": missing,
+        "status": impl.status,
+        "auto": impl.auto_exclusion() is None,  # select()'s rule, on a device this backend runs on
+    }
+
+
+def _limits(r: dict) -> str:
+    parts = [", ".join(r["dtypes"])]
+    if r["head_dims"] is not None:
+        parts.append(f"head_dim {r['head_dims']}")
+    if r["max_length"] is not None:
+        parts.append(f"length <= {r['max_length']}")
+    if r["features_missing"]:
+        parts.append("all features but " + ", ".join(r["features_missing"]))
+    elif r["features"]:
+        parts.append("all features")
+    return "; ".join(parts)
 
 
 def info(as_json: bool = False) -> str:
@@ -77,7 +97,10 @@ def info(as_json: bool = False) -> str:
         lines.append(f"  {name:<10} {b['summary']}; devices {', '.join(b['devices'])}; {state}")
     lines += ["", "kernels per op (auto = may be auto-selected on a device it runs on):"]
     for op, rows in data["ops"].items():
-        lines.append(f"  {op}")
+        features = sorted(set().union(*(r["features"] for r in rows.values())))
+        lines.append(f"  {op} (features: {', '.join(features) or 'none'})")
         for name, r in rows.items():
-            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} dtypes {', '.join(r['dtypes'])}")
+            lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<22} {_limits(r)}")
+    for op, c in data["composites"].items():
+        lines.append(f"  {op}: via {c['via']} ({c['how']}): every {c['via']} backend above")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.ops._common import last_dim_contiguous
 from fastlm.registry import triton_interpreted
 
 LOG2E = 1.4426950408889634
@@ -497,12 +498,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "widen" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Kernels index the head dim with stride 1; copy only the rare tensor that lacks it
-    (e.g. an expanded gradient)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class _Layout:
     """Everything the three kernels share about one call: sequence counts, strides of
     the lse / delta / dropout-row space, the key padding mask, compile-time features."""
@@ -562,7 +557,7 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
     """Flash attention forward; returns ``(out, lse)``: ``out`` like ``q`` (same strides),
     ``lse`` fp32 natural-log ``(B, Hq, Sq)`` padded or ``(Hq, Tq)`` packed (-inf for a
     row that sees no key).  See the module docstring for layouts and masking."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   causal, window, dropout_p, scale, seed)
     out = torch.empty_like(q)
@@ -583,7 +578,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, 
     """Gradients ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` from the forward's ``out``
     and ``lse``; dropout is regenerated from ``seed``.  dK/dV sum over the query heads of
     each GQA group in fp32."""
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lay = _Layout(q, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   causal, window, dropout_p, scale, seed)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -3,16 +3,24 @@ under ``TRITON_INTERPRET=1``).
 
 Same contract as :mod:`fastlm.reference.cross_entropy` (read it for the formulas):
 ``cross_entropy_forward(logits, labels, ignore_index, label_smoothing, z_loss, with_grad)``
-and ``cross_entropy_backward(grad_rows, scale)``; ``linear_cross_entropy_forward/_backward``
-run the shared chunk loop of :mod:`fastlm.reference.linear_cross_entropy` with these kernels.
+and ``cross_entropy_backward(grad_rows, scale)`` (``fastlm.ops.linear_cross_entropy`` calls
+them on each chunk of logits).
 
 One program per row.  Rows of up to ``_ONE_BLOCK_MAX`` classes are loaded once into
 registers: read once, gradient written once.  Longer rows make two sweeps: the first
 keeps an online log-sum-exp (running max ``m`` and ``s = sum exp(x - m)``, rescaled when
-the max grows), the sum of the row (label smoothing) and ``x[label]``; the second
+the max grows), ``t = sum(x - m)`` (label smoothing) and ``x[label]``; the second
 re-reads the row, which was just read by this program and is still in L2, and writes
 the gradient.  DRAM traffic is one read of the logits and one write of the gradient.
 All arithmetic is fp32 whatever the logits' dtype.
+
+Numerics: ``x - m`` is never mixed with ``log(s)``: the loss is ``log(s) - (1 - eps)
+(x[y] - m) - eps t / V + z lse^2`` and the gradient ``exp(x - m) (1 + 2 z lse) / s``, as
+PyTorch's log_softmax.  Subtracting the rounded ``lse = m + log(s)`` from the logits
+would lose ulp(lse) (~1e-3 for fp32 logits near 1e4).  When the running max grows, ``t``
+is shifted by (elements so far) * (old - new max): all its terms stay <= 0, so it sums
+without cancellation.  The float arguments are cast to fp32 in the kernel: the
+interpreter hands a Python float over as is and types a subnormal one fp64.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ def _narrow(x, dtype: tl.constexpr):
 def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_index, eps, z_loss,
                                   WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
     y = tl.load(Y + row)
     x_row = X + row * stride_x
     g_row = G + row * stride_g
@@ -57,15 +67,17 @@ def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_i
             mask = cols < V
             x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             m = tl.max(x, 0)
+            # m_safe avoids (-inf) - (-inf) in a row of only -inf logits
             m_safe = tl.where(m == -float("inf"), 0.0, m)
-            s = tl.sum(tl.exp(x - m_safe), 0)
-            sx = tl.sum(tl.where(mask, x, 0.0), 0)
+            e = tl.exp(x - m_safe)
+            s = tl.sum(e, 0)
+            t = tl.sum(tl.where(mask, x - m_safe, 0.0), 0)
             xy = tl.sum(tl.where(cols == y, x, 0.0), 0)
         else:
             m_safe = 0.0
             m = -float("inf")
             s = 0.0
-            sx = 0.0
+            t = 0.0
             xy = 0.0
             for start in range(0, V, BLOCK):
                 mask = start + cols < V
@@ -74,25 +86,27 @@ def _cross_entropy_forward_kernel(X, Y, LOSS, G, stride_x, stride_g, V, ignore_i
                 # m_safe avoids (-inf) - (-inf) while every logit so far is -inf
                 m_new_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 s = s * tl.exp(m - m_new_safe) + tl.sum(tl.exp(x - m_new_safe), 0)
+                t += tl.where(m_new_safe != m_safe, start * (m_safe - m_new_safe), 0.0)
+                t += tl.sum(tl.where(mask, x - m_new_safe, 0.0), 0)
                 m = m_new
                 m_safe = m_new_safe
-                sx += tl.sum(tl.where(mask, x, 0.0), 0)
                 xy += tl.sum(tl.where(start + cols == y, x, 0.0), 0)
-        lse = m_safe + tl.log(s)
-        loss = lse - (1.0 - eps) * xy + z_loss * lse * lse
+        log_s = tl.log(s)
+        lse = m_safe + log_s  # only in the z-loss terms, whose scale is lse itself
+        loss = log_s - (1.0 - eps) * (xy - m_safe) + z_loss * lse * lse
         # eps == 0 must not turn 0 * (-inf) into NaN when a logit is -inf
-        loss -= tl.where(eps > 0.0, eps * sx / V, 0.0)
+        loss -= tl.where(eps > 0.0, eps * t / V, 0.0)
         tl.store(LOSS + row, loss + poison)
         if WITH_GRAD:
-            p_scale = 1.0 + 2.0 * z_loss * lse
+            p_scale = (1.0 + 2.0 * z_loss * lse) / s
             if ONE_BLOCK:
-                g = tl.exp(x - lse) * p_scale - eps / V - tl.where(cols == y, 1.0 - eps, 0.0) + poison
+                g = e * p_scale - eps / V - tl.where(cols == y, 1.0 - eps, 0.0) + poison
                 tl.store(g_row + cols, _narrow(g, G.dtype.element_ty), mask=mask)
             else:
                 for start in range(0, V, BLOCK):
                     mask = start + cols < V
                     x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
-                    g = (tl.exp(x - lse) * p_scale - eps / V
+                    g = (tl.exp(x - m_safe) * p_scale - eps / V
                          - tl.where(start + cols == y, 1.0 - eps, 0.0) + poison)
                     tl.store(g_row + start + cols, _narrow(g, G.dtype.element_ty), mask=mask)
 
@@ -129,15 +143,3 @@ def cross_entropy_backward(grad_rows, scale):
     _scale_rows_kernel[(n, triton.cdiv(v, block))](grad_rows, scale, out, grad_rows.stride(0), out.stride(0), v,
                                                    BLOCK=block, num_warps=4)
     return out
-
-
-def linear_cross_entropy_forward(*args):
-    from fastlm.reference.linear_cross_entropy import chunked_forward
-
-    return chunked_forward(cross_entropy_forward, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    from fastlm.reference.linear_cross_entropy import chunked_backward
-
-    return chunked_backward(cross_entropy_forward, cross_entropy_backward, *args)

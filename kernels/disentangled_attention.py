@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.attention import (_FWD, _LN2, _LOG2E, LOG2E, _attn_bwd_delta, _bhm, _bucket, _configs,
-                                      _delta_block_m, _dropout_keep, _key_range, _Layout, _load_row_stats, _mma,
-                                      _pruner, _query_block, _seq_bounds, _unit_last, _visible)
+from fastlm.kernels.attention import (_FWD, _LN2, LOG2E, _attn_bwd_delta, _bhm, _bucket, _configs, _delta_block_m,
+                                      _dropout_keep, _key_range, _Layout, _load_row_stats, _mma, _pruner,
+                                      _query_block, _seq_bounds, _visible)
+from fastlm.ops._common import last_dim_contiguous
 
 _KEY = ["Q_BUCKET", "BLOCK_D", "HAS_MASK", "DROPOUT", "IS_VARLEN", "HAS_C2P", "HAS_P2C"]
 _BWD = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], (16, 16))
@@ -307,7 +308,7 @@ class _Call:
 def disentangled_attention_forward(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen,
                                    dropout_p, scale, seed):
     """Forward; returns ``(out, lse)`` as :func:`fastlm.kernels.attention.attention_forward`."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     call = _Call(q, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale,
                  seed)
     lay = call.lay
@@ -325,7 +326,7 @@ def disentangled_attention_forward(q, k, v, pos_key, pos_query, rel_slots, key_p
 def disentangled_attention_backward(dout, q, k, v, pos_key, pos_query, rel_slots, out, lse, key_padding_mask,
                                     cu_seqlens, max_seqlen, dropout_p, scale, seed):
     """Gradients ``(dq, dk, dv, dpos_key, dpos_query)``; dropout is regenerated from ``seed``."""
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
     call = _Call(q, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale,
                  seed)
     lay = call.lay

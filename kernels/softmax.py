@@ -210,11 +210,6 @@ def _segments(rows: int, n: int) -> tuple[int, int, int]:
     return seg, count, triton.next_power_of_2(count)
 
 
-def _seed_value(dropout_p: float, seed) -> int:
-    # The seed is a CPU tensor: reading it costs no device synchronisation.
-    return int(seed.reshape(-1)[0]) if dropout_p > 0 else 0
-
-
 def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
     R, N = x.shape
     out = torch.empty_like(x)
@@ -225,7 +220,7 @@ def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
     else:
         kind = _MASK_BOOL if mask.dtype == torch.bool else _MASK_ADD
         m, mask_args = mask, (mask.shape[1], mask.shape[2], *mask.stride())
-    common = (float(scale), float(dropout_p), _seed_value(dropout_p, seed), *mask_args)
+    common = (float(scale), float(dropout_p), seed, *mask_args)
     probs_arg = probs if dropout else out
     if triton.next_power_of_2(N) <= MAX_ROW_BLOCK:
         block, rows, warps = _row_launch(N)
@@ -245,7 +240,7 @@ def softmax_backward(grad, y, scale: float, dropout_p: float, seed):
     R, N = y.shape
     dx = torch.empty_like(y)
     dropout = dropout_p > 0
-    common = (float(scale), float(dropout_p), _seed_value(dropout_p, seed))
+    common = (float(scale), float(dropout_p), seed)
     if triton.next_power_of_2(N) <= MAX_ROW_BLOCK:
         block, rows, warps = _row_launch(N)
         _bwd_rows[(triton.cdiv(R, rows),)](grad, y, dx, R, N, *common, ROWS=rows, BLOCK_N=block,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from _backends import gpu_params
 from fastlm import registry
 from fastlm.registry import Problem
 
@@ -15,9 +16,7 @@ TARGETS = [
     pytest.param(("reference", "cpu"), id="reference"),
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("reference", "cuda"), id="gpu-reference", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="gpu-triton", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="gpu-cuda", marks=pytest.mark.gpu),
+    *gpu_params(["reference", "triton", "cuda"], value=lambda backend: (backend, "cuda")),
 ]
 
 
@@ -58,8 +57,9 @@ class Target:
         """Skip when a GPU backend declares it cannot serve this input (never on CPU)."""
         if self.device == "cpu":
             return
-        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal={False: 0, True: 1}.get(causal, 2),
-                             window=window is not None, dropout=dropout, packed=packed, gqa=q.shape[1] != k.shape[1])
+        needs = {"window": window is not None, "dropout": dropout, "packed": packed, "gqa": q.shape[1] != k.shape[1],
+                 "causal": causal is True, "bottom_right": causal == "bottom_right"}
+        problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], features=[f for f, on in needs.items() if on])
         reasons = registry.table("attention")[self.backend].unsupported_reasons(problem)
         if reasons:
             pytest.skip(f"{self.backend}: {'; '.join(reasons)}")

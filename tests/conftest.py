@@ -5,6 +5,9 @@
   It must be set before triton is first imported.
 * Nothing here queries a GPU at import time: GPU tests are marked ``gpu`` and are
   skipped at collection-run time when no CUDA device is present.
+* ``--gpu-backend NAMES`` (comma-separated) keeps only the gpu-marked tests that declare one
+  of these backends (mark ``backend(NAME)``; ``undeclared``: those that declare none): one
+  pytest process per backend in ``bench/gpu_check.sh``.  The convention: tests/_backends.py.
 * The suite refuses to start when the fastlm it imports is not a build of the source tree
   it sits in (an installed copy from before an edit, or an extension compiled from other
   C++ sources): see ``fastlm/_source.py`` and the README's Development section.
@@ -20,7 +23,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-backend", default=None, metavar="NAMES",
+                     help="keep only the gpu tests of these backends (comma-separated; 'undeclared': "
+                          "gpu tests that declare none); see tests/_backends.py")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "backend(name): the one fastlm backend a gpu test exercises "
+                                       "(tests/_backends.py: gpu_params)")
     tree = Path(__file__).resolve().parent.parent
     if not (tree / "setup.py").is_file():  # tests copied out of a checkout: nothing to compare with
         return
@@ -37,6 +48,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--gpu-backend")
+    if wanted:
+        from _backends import split_by_gpu_backend
+
+        items[:], dropped = split_by_gpu_backend(items, [n.strip() for n in wanted.split(",") if n.strip()])
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -277,11 +277,10 @@ def test_sliding_window_is_a_band():
 
 
 def test_cuda_backend_declines_a_window():
-    problem = Problem.of("cuda", torch.float16, head_dim=64, causal=0, window=True, dropout=False,
-                         packed=False, gqa=False)
+    problem = Problem.of("cuda", torch.float16, head_dim=64, features={"window"})
     cuda = registry.table("attention")["cuda"]
-    assert cuda.limits(problem) == ["sliding window not implemented"]
-    assert cuda.limits(Problem.of("cuda", torch.float16, head_dim=64, causal=0, window=False)) == []
+    assert cuda.limit_reasons(problem) == ["window not supported"]
+    assert cuda.limit_reasons(Problem.of("cuda", torch.float16, head_dim=64, features={"causal", "gqa"})) == []
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -394,8 +393,8 @@ def test_backend_errors(monkeypatch):
 
 
 def test_auto_on_cpu_picks_a_cpu_backend():
-    f16 = Problem.of("cpu", torch.float16, head_dim=64, causal=1, dropout=True, packed=False, gqa=True)
+    f16 = Problem.of("cpu", torch.float16, head_dim=64, features={"causal", "dropout", "gqa"})
     assert registry.select("attention", f16, "auto").backend in ("cpu", "reference")
-    f64 = Problem.of("cpu", torch.float64, head_dim=64, causal=0, dropout=False, packed=True, gqa=False)
+    f64 = Problem.of("cpu", torch.float64, head_dim=64, features={"packed"})
     assert registry.select("attention", f64, "auto").backend == "reference"
     assert set(registry.table("attention")) == {"reference", "cpu", "triton", "cuda"}

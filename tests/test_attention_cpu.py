@@ -288,6 +288,7 @@ def cuda_kernels(ops):
 
 
 @pytest.mark.gpu
+@pytest.mark.backend("cuda")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_dropout_mask_matches_cpu(ops, dtype):
     """Both kernels hash (seed, sequence, head, query, key) the same way: identical masks."""
@@ -301,6 +302,7 @@ def test_cuda_dropout_mask_matches_cpu(ops, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.backend("cuda")
 @pytest.mark.parametrize("D,causal", [(64, 2), (128, 1)])
 def test_cuda_forward_backward(ops, D, causal):
     """HF-strided bf16 views, left padding, grouped-query heads, dropout: vs float64 with the CPU kernel's mask."""

@@ -148,6 +148,36 @@ def test_cpu_peak_memory_sees_a_large_temporary(harness):
     assert mb is not None and 32 <= mb <= 256
 
 
+def test_resident_peak_sees_a_short_lived_allocation(harness):
+    """VmHWM catches a peak that is gone before the block ends (a sampler could miss it)."""
+    with harness.ResidentPeak() as peak:
+        t = torch.ones(96 * 2**20 // 4)  # 96 MiB, written so its pages are resident
+        del t
+    if peak.reset:
+        assert 64 * 2**20 <= peak.growth <= 512 * 2**20
+    with harness.ResidentPeak() as quiet:
+        pass
+    assert quiet.growth < 32 * 2**20 or not quiet.reset
+
+
+def test_dry_run_flag_means_quick_sizes_one_case_one_call(harness, tmp_path):
+    args = harness.arg_parser("x").parse_args(["--dry-run"])
+    assert args.dry_run and args.quick and not args.gpu_check
+    kw = harness.run_kwargs(args)
+    assert kw["cases_limit"] == 1 and kw["min_reps"] == kw["max_reps"] == 1 and not kw["ceilings"]
+    assert not harness.arg_parser("x").parse_args(["--quick"]).dry_run
+    cases = [_case(harness, 8), _case(harness, 16)]
+    kw.update(results_dir=tmp_path, progress=False, print_table=False, device="cpu")
+    rows = harness.run("fake", cases, [harness.Provider("torch", lambda inp: inp["x"] * 2)], **kw)
+    assert {r["case"] for r in rows} == {"sq8"} and all(r["reps"] == 1 for r in rows if r["status"] == "ok")
+
+
+def test_backend_skip_reason(harness):
+    assert "not registered" in harness.backend_skip_reason("no-such-tier", "cpu")
+    assert harness.backend_skip_reason("reference", "cpu") is None
+    assert harness.backend_skip_reason("cuda", "cpu")
+
+
 # ------------------------------------------------------------------------ recording
 def test_recorder_appends_csv_and_json_with_metadata(harness, tmp_path):
     p1 = [harness.Provider("torch", lambda inp: inp["x"] + 1)]
@@ -175,11 +205,12 @@ def test_git_commit_override_and_environment(harness, monkeypatch):
 def test_fastlm_providers_skip_with_reasons(harness):
     case = _case(harness)
     providers = {p.name: p for p in harness.fastlm_providers(lambda inp, b: inp["x"], name="op-{backend}")}
-    assert set(providers) == {"op-reference", "op-cpu", "op-triton", "op-cuda"}
+    assert set(providers) == {"op-reference", "op-cpu", "op-torch", "op-triton", "op-cuda"}
     assert providers["op-reference"].skip_reason(case, torch.device("cpu"), "forward") is None
     triton = providers["op-triton"].skip_reason(case, torch.device("cpu"), "forward")
     assert triton and ("interpret" in triton.lower() or "triton" in triton)  # never times the interpreter
     assert providers["op-cuda"].skip_reason(case, torch.device("cpu"), "forward")
+    assert providers["op-torch"].skip_reason(case, torch.device("cpu"), "forward")  # GPU tensors only, or not registered
 
 
 # --------------------------------------------------------------------------- report
@@ -218,38 +249,127 @@ def test_report_cli_writes_markdown_and_png(report, harness, tmp_path):
 
 
 # ------------------------------------------------------------------ GPU verification
+def _rec(nodeid, outcome, kernels=(), backend=None):
+    return {"nodeid": nodeid, "file": nodeid.split("::")[0], "backend": backend, "outcome": outcome,
+            "kernels": [list(k) for k in kernels]}
+
+
 def test_gpu_verification_summary(bench_modules):
     gv = bench_modules["gpu_verification"]
     records = [
-        {"nodeid": "tests/test_softmax.py::a", "file": "tests/test_softmax.py", "outcome": "passed",
-         "kernels": [["softmax", "triton", "cuda"], ["softmax", "reference", "cpu"]]},
-        {"nodeid": "tests/test_softmax.py::b", "file": "tests/test_softmax.py", "outcome": "failed",
-         "kernels": [["softmax", "cuda", "cuda"]]},
-        {"nodeid": "tests/test_softmax.py::c", "file": "tests/test_softmax.py", "outcome": "passed",
-         "kernels": [["softmax", "cuda", "cuda"]]},
-        {"nodeid": "tests/test_x.py::d", "file": "tests/test_x.py", "outcome": "skipped", "kernels": []},
+        _rec("tests/test_softmax.py::a[gpu-triton]", "passed", [("softmax", "triton", "cuda"),
+                                                              ("softmax", "reference", "cpu")], "triton"),
+        _rec("tests/test_softmax.py::b[gpu-cuda]", "failed", [("softmax", "cuda", "cuda")], "cuda"),
+        _rec("tests/test_softmax.py::c[gpu-cuda]", "passed", [("softmax", "cuda", "cuda")], "cuda"),
+        _rec("tests/test_x.py::d", "skipped"),
     ]
-    records.append({"collected": [r["nodeid"] for r in records]})
+    records.append({"collected": [[r["nodeid"], r["backend"]] for r in records]})
     s = gv.summarize(records, "Fake GPU", date="2026-01-01")
     soft = s["ops"]["softmax"]
     assert soft["triton"]["status"] == "passed" and soft["triton"]["tests_passed"] == 1
-    assert soft["cuda"]["status"] == "failed" and soft["cuda"]["failing"] == ["tests/test_softmax.py::b"]
+    assert soft["cuda"]["status"] == "failed" and soft["cuda"]["failing"] == ["tests/test_softmax.py::b[gpu-cuda]"]
     assert "reference" not in soft or soft["reference"]["status"] == "not exercised"  # CPU calls are no GPU evidence
     assert soft["triton"]["device"] == "Fake GPU" and soft["triton"]["date"] == "2026-01-01"
-    assert s["groups"]["tests/test_softmax.py"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 0, "not run": 0}
+    assert s["groups"]["tests/test_softmax.py"] == {"passed": 2, "failed": 1, "error": 0, "crashed": 0,
+                                                    "skipped": 0, "not run": 0}
     assert s["complete"]
     assert "| softmax | cuda | failed | 1 | 1 |" in gv.markdown(s)
-    # cut off after the first test: test_softmax.py did not finish, so triton's pass is not final
+    # cut off after the first test: the cuda tests never started, so only cuda is unfinished
     cut = gv.summarize(records[:1] + records[-1:], "Fake GPU")
-    assert cut["ops"]["softmax"]["triton"]["status"] == "incomplete" and not cut["complete"]
+    assert cut["ops"]["softmax"]["triton"]["status"] == "passed" and not cut["complete"]
+    assert cut["ops"]["softmax"]["cuda"]["status"] == "incomplete"
     assert cut["groups"]["tests/test_softmax.py"]["not run"] == 2
+    # a selected test that declares no backend holds back every backend of its op
+    undeclared = records[:1] + [{"collected": [[records[0]["nodeid"], "triton"], ["tests/test_softmax.py::z", None]]}]
+    assert gv.summarize(undeclared, "Fake GPU")["ops"]["softmax"]["triton"]["status"] == "incomplete"
     # a file of another op that did not finish does not hold softmax back
-    other = records[:1] + [{"collected": [records[0]["nodeid"], "tests/test_attention.py::z"]}]
+    other = records[:1] + [{"collected": [[records[0]["nodeid"], "triton"], ["tests/test_attention.py::z", None]]}]
     assert gv.summarize(other, "Fake GPU")["ops"]["softmax"]["triton"]["status"] == "passed"
-    # killed before the selection was recorded: nothing is final
+    # killed before any selection was recorded: nothing is final
     assert gv.summarize(records[:1], "Fake GPU", complete=False)["ops"]["softmax"]["triton"]["status"] == "incomplete"
     assert gv._op_of_file("tests/test_linear_cross_entropy.py", ["cross_entropy", "linear_cross_entropy"]) \
         == "linear_cross_entropy"
+
+
+def test_gpu_verification_crash_and_declared_backend_count_as_failures(bench_modules):
+    """A test that started and never finished (timeout, segfault) fails its declared backend, and
+    a failing test fails its declared backend even when it never reached a recorded kernel."""
+    gv = bench_modules["gpu_verification"]
+    hung, early = "tests/test_softmax.py::hang[gpu-triton]", "tests/test_softmax.py::early[gpu-cuda]"
+    records = [
+        {"collected": [[hung, "triton"], [early, "cuda"], ["tests/test_softmax.py::ok[gpu-triton]", "triton"]]},
+        {"started": hung, "backend": "triton"},  # its worker died: no final record
+        {"started": early, "backend": "cuda"}, _rec(early, "failed", [], "cuda"),
+        _rec("tests/test_softmax.py::ok[gpu-triton]", "passed", [("softmax", "triton", "cuda")], "triton"),
+    ]
+    s = gv.summarize(records, "Fake GPU")
+    assert s["ops"]["softmax"]["triton"]["status"] == "failed" and s["ops"]["softmax"]["triton"]["failing"] == [hung]
+    assert s["ops"]["softmax"]["cuda"]["status"] == "failed"
+    assert s["groups"]["tests/test_softmax.py"]["crashed"] == 1 and not s["complete"]
+
+
+def test_gpu_verification_changes_lists_exact_edits(bench_modules):
+    gv = bench_modules["gpu_verification"]
+    summary = {"device": "Fake GPU", "date": "2026-01-02", "complete": True, "ops": {
+        "softmax": {"triton": {"status": "passed", "tests_passed": 3, "failing": []},
+                    "cuda": {"status": "failed", "tests_passed": 1, "failing": ["t::x"]}},
+        "cross_entropy": {"triton": {"status": "passed", "tests_passed": 2, "failing": []}}}}
+    current = {("softmax", "triton"): None, ("softmax", "cuda"): None, ("cross_entropy", "triton"): "earlier",
+               ("cross_entropy", "cuda"): "earlier"}
+    lines = gv.verified_changes(summary, "bench/results/fake/gpu_verification.json", BENCH.parent, current)
+    sets = [ln for ln in lines if ln.startswith("SET")]
+    assert len(sets) == 1 and "softmax/triton" in sets[0]
+    assert "verified='Fake GPU, 2026-01-02, bench/results/fake/gpu_verification.json'" in sets[0]
+    source = (BENCH.parent / "fastlm/ops/softmax.py").read_text().splitlines()
+    line = int(sets[0].split()[1].split(":")[1])
+    assert '"triton"' in source[line - 1] and "Implementation(" in source[line - 1]
+    assert any(ln.startswith("UNSET") and "cross_entropy/cuda" in ln for ln in lines)  # verified, not passed now
+    assert any(ln.startswith("leave") and "softmax/cuda" in ln and "t::x" in ln for ln in lines)
+    assert lines.index(sets[0]) < min(i for i, ln in enumerate(lines) if ln.startswith(("UNSET", "leave")))
+
+
+def test_cuda_context_check_only_after_cuda_errors(bench_modules):
+    gv = bench_modules["gpu_verification"]
+    assert not gv.cuda_context_lost("AssertionError: max abs error 0.3 > 0.01")
+    if not torch.cuda.is_available():  # a CUDA error text and no answering device: lost
+        assert gv.cuda_context_lost("torch.AcceleratorError: CUDA error: an illegal memory access was encountered")
+
+
+# ------------------------------------------------------------------- GPU test selection
+def test_gpu_params_declare_backend_and_selection_keeps_one_backend():
+    from _backends import declared_backend, gpu_params, split_by_gpu_backend
+
+    params = gpu_params(["triton", "cuda"], value=lambda b: (b, "cuda"))
+    assert [p.id for p in params] == ["gpu-triton", "gpu-cuda"] and params[1].values == (("cuda", "cuda"),)
+    assert {m.name for m in params[0].marks} == {"gpu", "backend"}
+
+    class Item:
+        def __init__(self, marks):
+            self.marks = {m.name: m for m in marks}
+
+        def get_closest_marker(self, name):
+            return self.marks.get(name)
+
+    items = [Item(p.marks) for p in params] + [Item([pytest.mark.gpu]), Item([pytest.mark.backend("triton")])]
+    assert [declared_backend(i) for i in items] == ["triton", "cuda", None, "triton"]
+    kept, dropped = split_by_gpu_backend(items, ["triton"])
+    assert kept == items[:1] and dropped == items[1:]  # a non-gpu test of that backend is not kept
+    assert split_by_gpu_backend(items, ["cuda", "undeclared"])[0] == [items[1], items[2]]
+
+
+def test_every_gpu_test_declares_its_backend():
+    """The convention of tests/_backends.py, checked on the real collection: ``--gpu-backend triton``
+    keeps exactly the gpu-triton cases, and no gpu test is left undeclared."""
+    import os
+    import subprocess
+
+    root = BENCH.parent
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                          "--gpu-backend", "triton,undeclared", "tests"], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
+    assert out.returncode == 0 and ids, out.stdout[-2000:] + out.stderr[-2000:]
+    assert all("gpu-triton" in i for i in ids), [i for i in ids if "gpu-triton" not in i]
 
 
 # ------------------------------------------------------------------- bench_attention
@@ -302,3 +422,57 @@ def test_attention_bench_runs_with_torch_providers(bench_attention, harness, tmp
     assert all(status[(p, m)] == "ok" for p in ("torch", "sdpa") for m in harness.MODES)
     assert status[("sdpa-cudnn", "forward")] == status[("fastlm-cuda", "full")] == "skipped"
     assert rows[0]["tflops"] > 0 and rows[0]["tokens"] < rows[0]["batch"] * rows[0]["seq"]
+
+
+# -------------------------------------------------------------------- bench_training
+@pytest.fixture
+def training(bench_modules):
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_training"), importlib.import_module("training_workloads")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_training_groups_isolate_each_tier_with_the_baseline(training):
+    _, tw = training
+    names = ["hf-sdpa", "fastlm-torch", "fastlm-triton", "fastlm-cuda", "fastlm-auto"]
+    assert tw.groups(names, isolate=True) == [["hf-sdpa", "fastlm-torch", "fastlm-auto"], ["hf-sdpa", "fastlm-triton"],
+                                              ["hf-sdpa", "fastlm-cuda"]]
+    assert tw.groups(names, isolate=False) == [names]
+    assert tw.groups(["hf-sdpa", "fastlm-auto"], isolate=True) == [["hf-sdpa", "fastlm-auto"]]
+
+
+def test_training_random_batches_padding_and_labels(training):
+    _, tw = training
+    for task in ("mlm", "cls", "clm"):
+        (b,) = tw.random_batches(task, vocab=1000, batch=16, max_length=64, padding=0.4, n=1)
+        mask = b["attention_mask"]
+        assert mask[0].all() and 0.25 < 1 - mask.float().mean() < 0.55  # one full row, ~40% padding
+        assert bool((b["input_ids"][mask == 0] == 0).all())
+        if task == "mlm":
+            chosen = b["labels"] != -100
+            assert chosen.any() and bool((mask[chosen] == 1).all()) and bool((b["input_ids"][chosen] == 4).all())
+        elif task == "clm":
+            assert torch.equal(b["labels"] == -100, mask == 0)
+        else:
+            assert b["labels"].shape == (16,)
+
+
+def test_training_rows_ratio_spread_memory_and_failures(training):
+    bt, tw = training
+    base = {"status": "ok", "times_s": [0.2, 0.4, 0.3], "tokens": [10, 10, 10], "real_tokens": [10],
+            "padded_tokens": [20], "first_loss": 2.0, "peak_mb": 100.0}
+    fast = {**base, "times_s": [0.1, 0.1, 0.3], "first_loss": 2.001, "peak_mb": 40.0, "base_times_s": base["times_s"],
+            "base_peak_mb": 100.0, "base_first_loss": 2.0}
+    results = {"w": {"hf-sdpa": base, "fastlm-x": fast, "fastlm-y": {"status": "error", "reason": "timed out"}}}
+    work = {"w": tw.Workload("w", "mlm", None, None, params={"batch": 2})}
+    rows = {r["provider"]: r for r in bt.rows_of(results, work)}
+    x = rows["fastlm-x"]
+    assert x["speedup_median"] == pytest.approx(2.0) and x["speedup_min"] == pytest.approx(1.0)
+    assert x["speedup_max"] == pytest.approx(4.0) and x["speedup_steps"] == 3
+    assert x["tokens_per_s"] == pytest.approx(100.0) and x["memory_vs_baseline"] == pytest.approx(0.4)
+    assert x["padding_share"] == pytest.approx(0.5) and x["baseline_first_loss"] == 2.0
+    assert rows["fastlm-y"]["status"] == "error"
+    text = bt.table(list(rows.values()))
+    assert "**2.00x** [1.00-4.00]" in text and "error: timed out" in text

@@ -20,13 +20,13 @@ from fastlm.ops.disentangled_attention import (disentangled_attention, relative_
 from fastlm.registry import BackendError
 
 from _attention_targets import assert_close, assert_within_eager  # noqa: E402
+from _backends import gpu_params, require_backend  # noqa: E402
 
 TARGETS = [
     pytest.param(("reference", "cpu"), id="reference"),
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("reference", "cuda"), id="gpu-reference", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="gpu-triton", marks=pytest.mark.gpu),
+    *gpu_params(["reference", "triton"], value=lambda backend: (backend, "cuda")),
 ]
 
 
@@ -320,8 +320,6 @@ def test_reference_gradcheck(c2p, p2c, dropout_p):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck(request, backend):
-    from _backends import require_backend
-
     require_backend(request, "disentangled_attention", backend)
     q, k, v, pk, pq = make_inputs(2, 2, 7, 16, 8, bshd=True)
     mask = padding_mask(2, 7, "left")

@@ -1,11 +1,12 @@
 """fastlm.ops.linear_cross_entropy against a float64 dense head + cross-entropy written here.
 
-CPU: reference, cpu (C++, skipped without fastlm._C) and triton (TRITON_INTERPRET=1).
-GPU (marked ``gpu``): triton and cuda on CUDA tensors.
+The op runs one chunk loop over the cross_entropy backends: ``backend=`` picks the
+cross_entropy kernels.  CPU: reference, cpu (C++, skipped without fastlm._C) and triton
+(TRITON_INTERPRET=1).  GPU (marked ``gpu``): triton and cuda on CUDA tensors.
 """
 import pytest
 import torch
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 from _cross_entropy_truth import IGNORE, lce64
 
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -30,7 +31,7 @@ def assert_close_all(got, want, rtol, atol):
 
 @pytest.fixture(params=CPU_TESTABLE)
 def backend(request, poison):
-    return require_backend(request, "linear_cross_entropy", request.param)
+    return require_backend(request, "cross_entropy", request.param)
 
 
 def _inputs(n, h, v, bias=True, ignored=0.5, dtype=torch.float32):
@@ -73,8 +74,8 @@ def test_chunk_boundaries(backend, offset):
 
 
 def test_chunk_rows_from_env_and_sparse_rows(monkeypatch):
-    """Only labelled rows reach the kernels, in chunks of at most FASTLM_LCE_CHUNK_ROWS."""
-    import fastlm.reference.linear_cross_entropy as ref
+    """Only labelled rows reach the cross_entropy kernels, in chunks of at most FASTLM_LCE_CHUNK_ROWS."""
+    import fastlm.reference.cross_entropy as ref
 
     seen = []
     real = ref.cross_entropy_forward
@@ -140,10 +141,29 @@ def test_low_precision_within_2x_torch(backend, dtype):
     ref, ref_grads = run(lambda h, w, bb: torch.nn.functional.cross_entropy(
         torch.nn.functional.linear(h, w, bb), labels, reduction="sum"), (hidden, weight, b))
     err = lambda a, t: (a.double() - t).abs().max().item()
-    assert got.dtype == dtype and all(g.dtype == dtype for g in got_grads)
+    assert got.dtype == torch.float32 and all(g.dtype == dtype for g in got_grads)
     assert err(got, want) <= 2 * err(ref, want) + 1e-6
     for g, r, t in zip(got_grads, ref_grads, want_grads):
         assert err(g, t) <= 2 * err(r, t) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_loss_is_float32_as_transformers(backend, dtype, reduction):
+    """A bf16/fp16 head returns the loss in fp32, never rounded to the inputs' dtype: what
+    transformers computes (low-precision logits, upcast, then the loss in fp32)."""
+    hidden, weight, b, labels = _inputs(40, 32, 300, ignored=0.3, dtype=dtype)
+    got = linear_cross_entropy(hidden, weight, labels, bias=b, reduction=reduction, chunk_size=16, backend=backend)
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, b).float(), labels,
+                                             reduction=reduction)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_loss_stays_float64():
+    hidden, weight, b, labels = _inputs(9, 8, 30, dtype=torch.float64)
+    got = linear_cross_entropy(hidden, weight, labels, bias=b, backend="reference")
+    assert got.dtype == torch.float64
 
 
 def test_leading_dims_and_no_grad(backend):
@@ -232,7 +252,7 @@ def test_bad_chunk_env(monkeypatch):
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_float64(gpu_backend, dtype):
     if gpu_backend == "cuda":

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _backends import CPU_TESTABLE, require_backend
+from _backends import CPU_TESTABLE, gpu_params, require_backend
 
 import fastlm
 from fastlm.ops import softmax
@@ -144,6 +144,21 @@ def test_nan_and_empty_follow_pytorch(backend):
     y = softmax(x, backend=backend)
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1]).any()
     assert softmax(torch.empty(0, 5), backend=backend).shape == (0, 5)
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 0), -1), ((3, 0), 0), ((2, 0, 4), 1), ((2, 0, 4), 2), ((0,), 0)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_empty_tensors_forward_and_backward(backend, shape, dim, dropout_p):
+    """A softmax over (or beside) a dimension of size 0 is an empty tensor, as in PyTorch,
+    and so is its gradient, with or without a mask."""
+    x = torch.randn(shape, requires_grad=True)
+    mask = torch.ones(shape[-1:], dtype=torch.bool)
+    for m in (None, mask):
+        y = softmax(x, dim=dim, mask=m, dropout_p=dropout_p, backend=backend)
+        want = torch.nn.functional.softmax(x, dim)
+        assert y.shape == want.shape and y.dtype == want.dtype
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -342,7 +357,7 @@ def test_backend_selection():
     rows = registry.table("softmax")
     assert set(rows) == {"reference", "cpu", "triton", "cuda"}
     assert rows["triton"].verified is None and rows["cuda"].verified is None
-    f64 = registry.select("softmax", Problem.of("cpu", torch.float64, row_length=8, dropout=False))
+    f64 = registry.select("softmax", Problem.of("cpu", torch.float64, length=8))
     assert f64.backend == "reference"
     x = torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(softmax(x), expected(x))  # auto: float64 runs on the reference
@@ -350,11 +365,11 @@ def test_backend_selection():
 
 # ------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gpu_backend", gpu_params(["triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 3, 128, 1000, 4096, 4097, 20000, 70000])
 def test_gpu_kernels(gpu_backend, dtype, n):
-    problem = fastlm.registry.Problem.of("cuda", dtype, row_length=n, dropout=False)
+    problem = fastlm.registry.Problem.of("cuda", dtype, length=n)
     why = fastlm.registry.table("softmax")[gpu_backend].unsupported_reasons(problem)
     if why:
         pytest.skip("; ".join(why))

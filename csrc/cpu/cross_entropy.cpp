@@ -7,13 +7,19 @@
 //
 // One task per row (at::parallel_for over rows).  A row is swept in blocks of kBlock
 // floats (4 KiB, L1-resident): each block's max updates an online log-sum-exp (the
-// running sum is rescaled only when the max grows, so one exp per element), and the
-// row sum (label smoothing) accumulates.  The gradient sweep then re-reads the row,
+// running sum is rescaled only when the max grows, so one exp per element), and for
+// label smoothing the running sum of x - m.  The gradient sweep then re-reads the row,
 // which at up to a few hundred KiB is still in L2: DRAM sees one read of the logits
 // and one write of the gradient.  bf16/fp16 are widened to fp32 block by block; all
-// arithmetic is fp32.  The hot loops are plain float loops with an inline polynomial
-// exp so the compiler vectorises them; target_clones adds AVX-512 and AVX2 copies picked at
-// load time (the build itself uses no -march flag).
+// arithmetic is fp32.
+//
+// Numerics: x - m (m the row max) is never mixed with log(s), s = sum exp(x - m): the
+// loss is log(s) - (1 - eps)(x[y] - m) - eps mean(x - m) + z lse^2 and the gradient
+// exp(x - m) * ((1 + 2 z lse) / s), as PyTorch's log_softmax.  Subtracting a rounded
+// lse = m + log(s) from the logits instead loses ulp(lse): ~1e-3 for logits near 1e4.
+// The hot loops are plain float loops with an inline polynomial exp so the compiler
+// vectorises them; target_clones adds AVX-512 and AVX2 copies picked at load time (the
+// build itself uses no -march flag).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -76,10 +82,11 @@ FASTLM_CLONES float block_max(const float* x, int64_t n) {
   return m;
 }
 
-FASTLM_CLONES float block_sum(const float* x, int64_t n) {
+// sum(x - shift): every term <= 0 when shift is the running max (no cancellation)
+FASTLM_CLONES float block_sum_shifted(const float* x, int64_t n, float shift) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += x[i];
+  for (int64_t i = 0; i < n; ++i) s += x[i] - shift;
   return s;
 }
 
@@ -90,10 +97,11 @@ FASTLM_CLONES float block_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
-// g = exp(x - lse) * p_scale - eps / V  (the label's -(1 - eps) is added by the caller)
-FASTLM_CLONES void block_grad(const float* x, float* g, int64_t n, float lse, float p_scale, float uniform) {
+// g = exp(x - m) * p_scale - eps / V, p_scale folding 1 / s and the z-loss factor
+// (the label's -(1 - eps) is added by the caller)
+FASTLM_CLONES void block_grad(const float* x, float* g, int64_t n, float m, float p_scale, float uniform) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = fast_exp(x[i] - lse) * p_scale - uniform;
+  for (int64_t i = 0; i < n; ++i) g[i] = fast_exp(x[i] - m) * p_scale - uniform;
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -134,25 +142,34 @@ void forward_rows(const T* logits, const int64_t* labels, float* loss, T* grad, 
         if (g) std::fill(g, g + v, T(0));
         continue;
       }
-      float m = -kInf, s = 0.f, sx = 0.f;
+      // m: running max; shift: m, or 0 while every logit so far is -inf (keeps s = 0);
+      // s = sum exp(x - shift); t = sum (x - shift), label smoothing only.  When the max
+      // grows, s is rescaled and t shifted by (elements so far) * (old - new shift):
+      // every term of t stays <= 0, so it sums without cancellation.
+      float m = -kInf, shift = 0.f, s = 0.f, t = 0.f;
       for (int64_t b = 0; b < v; b += kBlock) {
         const int64_t len = std::min(kBlock, v - b);
         const float* xf = widen(x + b, xbuf, len);
         const float m_new = std::max(m, block_max(xf, len));
-        const float shift = m_new == -kInf ? 0.f : m_new;  // all -inf so far: keep s = 0
-        s = s * std::exp(m - shift) + block_sum_exp(xf, len, shift);
+        const float shift_new = m_new == -kInf ? 0.f : m_new;
+        s = s * std::exp(m - shift_new) + block_sum_exp(xf, len, shift_new);
+        if (eps > 0.f) {
+          if (shift_new != shift) t += static_cast<float>(b) * (shift - shift_new);
+          t += block_sum_shifted(xf, len, shift_new);
+        }
         m = m_new;
-        if (eps > 0.f) sx += block_sum(xf, len);
+        shift = shift_new;
       }
-      const float lse = (m == -kInf ? 0.f : m) + std::log(s);
-      const float xy = static_cast<float>(x[y]);
-      loss[row] = lse - (1.f - eps) * xy + z_loss * lse * lse - (eps > 0.f ? eps * sx / v : 0.f);
+      const float log_s = std::log(s);
+      const float lse = shift + log_s;  // only in the z-loss terms, whose scale is lse itself
+      const float xy = static_cast<float>(x[y]) - shift;
+      loss[row] = log_s - (1.f - eps) * xy + z_loss * lse * lse - (eps > 0.f ? eps * t / v : 0.f);
       if (!g) continue;
-      const float p_scale = 1.f + 2.f * z_loss * lse;
+      const float p_scale = (1.f + 2.f * z_loss * lse) / s;
       for (int64_t b = 0; b < v; b += kBlock) {
         const int64_t len = std::min(kBlock, v - b);
         float* gf = grad_buffer(g + b, gbuf);
-        block_grad(widen(x + b, xbuf, len), gf, len, lse, p_scale, eps / v);
+        block_grad(widen(x + b, xbuf, len), gf, len, shift, p_scale, eps / v);
         if (y >= b && y < b + len) gf[y - b] -= 1.f - eps;
         narrow(gf, g + b, len);
       }

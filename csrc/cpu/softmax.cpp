@@ -2,8 +2,8 @@
 //
 // Kernel-level contract (same in every backend; see fastlm/reference/softmax.py):
 //   softmax_forward(x (R, N) contiguous, mask? (D0, D1, D2, N) stride view, scale,
-//                   dropout_p, seed?) -> (out, probs)   probs: pre-dropout y if p > 0, else empty
-//   softmax_backward(grad (R, N), y (R, N), scale, dropout_p, seed?) -> dx = scale * y * (g - sum(g y))
+//                   dropout_p, seed) -> (out, probs)   probs: pre-dropout y if p > 0, else empty
+//   softmax_backward(grad (R, N), y (R, N), scale, dropout_p, seed) -> dx = scale * y * (g - sum(g y))
 //
 // Rows are split over threads with at::parallel_for.  Per row, x is read once into an
 // fp32 scratch row (L1/L2 resident), which takes the max, exp/sum and normalise
@@ -67,13 +67,10 @@ struct Dropout {
   uint32_t threshold = 0;  // keep when uniform32 >= threshold
   float keep_scale = 1.f;  // 1 / (1 - p)
 
-  Dropout(double p, const std::optional<at::Tensor>& seed_t) {
+  Dropout(double p, int64_t seed_value) {
     if (p <= 0.0) return;
-    TORCH_CHECK(seed_t.has_value() && seed_t->defined() && seed_t->numel() == 1 &&
-                    seed_t->scalar_type() == at::kLong && seed_t->device().is_cpu(),
-                "softmax: dropout_p > 0 needs seed, an int64 CPU tensor with one element");
     on = true;
-    seed = uint64_t(seed_t->data_ptr<int64_t>()[0]);
+    seed = uint64_t(seed_value);
     threshold = uint32_t(std::min(std::llround(p * 4294967296.0), 4294967295LL));
     keep_scale = float(1.0 / (1.0 - p));
   }
@@ -196,8 +193,7 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                                                       double scale, double dropout_p,
-                                                       const std::optional<at::Tensor>& seed) {
+                                                       double scale, double dropout_p, int64_t seed) {
   check_rows(x, "x");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "softmax (cpu): dropout_p must be in [0, 1), got ", dropout_p);
   MaskView mv;
@@ -225,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_forward_cpu(const at::Tensor& x, cons
 }
 
 at::Tensor softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& y, double scale, double dropout_p,
-                                const std::optional<at::Tensor>& seed) {
+                                int64_t seed) {
   check_rows(grad, "grad");
   check_rows(y, "y");
   TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type(),
@@ -242,8 +238,8 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& y, dou
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlm_C, m) {
-  m.def("softmax_forward(Tensor x, Tensor? mask, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def("softmax_backward(Tensor grad, Tensor y, float scale, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("softmax_forward(Tensor x, Tensor? mask, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("softmax_backward(Tensor grad, Tensor y, float scale, float dropout_p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {

@@ -2,11 +2,17 @@
 //
 // Forward: one block per row.  Each thread walks its strided share of the row with
 // 16-byte vector loads (when the row length and base address allow), keeping an online
-// log-sum-exp (running max m and s = sum exp(x - m)), the row sum (label smoothing);
-// a warp-shuffle + shared-memory reduction merges the (m, s) pairs.  The gradient sweep
-// re-reads the row (just read by this block, so served from L2) and writes
-// softmax * (1 + 2 z lse) - eps / V - (1 - eps) onehot.  DRAM traffic: one read of the
-// logits, one write of the gradient.  All arithmetic is fp32.
+// log-sum-exp (running max m and s = sum exp(x - m)) and t = sum (x - m) with its element
+// count (label smoothing); a warp-shuffle + shared-memory reduction merges the states.
+// The gradient sweep re-reads the row (just read by this block, so served from L2) and
+// writes softmax * (1 + 2 z lse) - eps / V - (1 - eps) onehot.  DRAM traffic: one read
+// of the logits, one write of the gradient.  All arithmetic is fp32.
+// Numerics: x - m is never mixed with log(s): loss = log(s) - (1 - eps)(x[y] - m)
+// - eps t / V + z lse^2, softmax = exp(x - m) / s, as PyTorch's log_softmax; subtracting
+// a rounded lse = m + log(s) from the logits would lose ulp(lse) (~1e-3 near 1e4).
+// When a state's max grows, t shifts by count * (old - new max): every term stays <= 0,
+// no cancellation.  expf/logf, not the __expf/__logf intrinsics, whose error grows with
+// |x| (fp32 results within ~1 ulp as PyTorch's; the kernel is bound by memory traffic).
 // Backward: grad_rows * scale[row], vectorised the same way.
 #include "cross_entropy.h"
 
@@ -32,35 +38,42 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// Merge two online log-sum-exp states (max, sum of exp(x - max)).
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;  // both still empty / all -inf
-  s = s * __expf(m - mn) + s2 * __expf(m2 - mn);
-  m = mn;
+// The online state of a run of logits: max m (-inf while every logit seen is -inf,
+// or none), s = sum exp(x - shift(m)), t = sum (x - shift(m)), n = count; shift(m) is m,
+// or 0 for m = -inf (no (-inf) - (-inf)).
+struct State {
+  float m, s, t, n;
+};
+
+__device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f : m; }
+
+// Merge two states (t is only needed for label smoothing, and cheap).
+__device__ __forceinline__ State merge(const State& a, const State& b) {
+  const float mn = fmaxf(a.m, b.m);
+  const float sn = shift_of(mn), sa = shift_of(a.m), sb = shift_of(b.m);
+  State r;
+  r.m = mn;
+  r.s = a.s * expf(a.m - sn) + b.s * expf(b.m - sn);  // exp(-inf) = 0 for an empty side
+  r.t = (a.t + a.n * (sa - sn)) + (b.t + b.n * (sb - sn));
+  r.n = a.n + b.n;
+  return r;
 }
 
-// Block-wide merge of (m, s) and sum of sx; every thread gets the result.
-__device__ __forceinline__ void block_reduce(float& m, float& s, float& sx) {
-  __shared__ float sm[kWarps], ss[kWarps], ssx[kWarps];
-  for (int off = 16; off > 0; off >>= 1) {
-    merge(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off));
-    sx += __shfl_xor_sync(0xffffffffu, sx, off);
-  }
+__device__ __forceinline__ State shfl_xor(const State& a, int off) {
+  return {__shfl_xor_sync(0xffffffffu, a.m, off), __shfl_xor_sync(0xffffffffu, a.s, off),
+          __shfl_xor_sync(0xffffffffu, a.t, off), __shfl_xor_sync(0xffffffffu, a.n, off)};
+}
+
+// Block-wide merge of the threads' states; every thread gets the result.
+__device__ __forceinline__ State block_reduce(State st) {
+  __shared__ State warp_states[kWarps];
+  for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_xor(st, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    sm[warp] = m;
-    ss[warp] = s;
-    ssx[warp] = sx;
-  }
+  if (lane == 0) warp_states[warp] = st;
   __syncthreads();
-  m = -INFINITY;
-  s = 0.f;
-  sx = 0.f;
-  for (int w = 0; w < kWarps; ++w) {
-    merge(m, s, sm[w], ss[w]);
-    sx += ssx[w];
-  }
+  st = warp_states[0];
+  for (int w = 1; w < kWarps; ++w) st = merge(st, warp_states[w]);
+  return st;
 }
 
 template <typename T, int VEC>
@@ -84,42 +97,45 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__
     }
     return;
   }
-  float m = -INFINITY, s = 0.f, sx = 0.f;
+  State st{-INFINITY, 0.f, 0.f, 0.f};
   for (int64_t i = threadIdx.x * VEC; i < v; i += step) {
     const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
     float f[VEC];
-    float bm = -INFINITY;
+    State pack{-INFINITY, 0.f, 0.f, float(VEC)};
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       f[k] = to_float(in.v[k]);
-      bm = fmaxf(bm, f[k]);
-      sx += f[k];
+      pack.m = fmaxf(pack.m, f[k]);
     }
-    float bs = 0.f;
-    const float shift = bm == -INFINITY ? 0.f : bm;
+    const float shift = shift_of(pack.m);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) bs += __expf(f[k] - shift);
-    merge(m, s, bm, bs);
+    for (int k = 0; k < VEC; ++k) {
+      pack.s += expf(f[k] - shift);
+      pack.t += f[k] - shift;
+    }
+    st = merge(st, pack);
   }
-  block_reduce(m, s, sx);
+  st = block_reduce(st);
   const bool in_range = y >= 0 && y < v;
   const float poison = in_range ? 0.f : __int_as_float(0x7fc00000);  // the device-side NaN flag
-  const float lse = (m == -INFINITY ? 0.f : m) + __logf(s);
+  const float shift = shift_of(st.m);
+  const float log_s = logf(st.s);
+  const float lse = shift + log_s;  // only in the z-loss terms, whose scale is lse itself
   if (threadIdx.x == 0) {
-    const float xy = in_range ? to_float(x[y]) : 0.f;
-    float l = lse - (1.f - eps) * xy + z_loss * lse * lse;
-    if (eps > 0.f) l -= eps * sx / float(v);  // eps == 0: no 0 * (-inf) when a logit is -inf
+    const float xy = in_range ? to_float(x[y]) - shift : 0.f;
+    float l = log_s - (1.f - eps) * xy + z_loss * lse * lse;
+    if (eps > 0.f) l -= eps * st.t / float(v);  // eps == 0: no 0 * (-inf) when a logit is -inf
     loss[row] = l + poison;
   }
   if (!g) return;
-  const float p_scale = 1.f + 2.f * z_loss * lse;
+  const float p_scale = (1.f + 2.f * z_loss * lse) / st.s;
   const float uniform = eps / float(v);
   for (int64_t i = threadIdx.x * VEC; i < v; i += step) {
     const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
     Pack<T, VEC> out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      float d = __expf(to_float(in.v[k]) - lse) * p_scale - uniform + poison;
+      float d = expf(to_float(in.v[k]) - shift) * p_scale - uniform + poison;
       if (i + k == y) d -= 1.f - eps;
       out.v[k] = from_float<T>(d);
     }

@@ -3,8 +3,7 @@
 // launchers of cross_entropy.cu on the current stream.  Compiled, unverified (never
 // run on a GPU).  Labels are NOT range-checked here (that would cost a host sync):
 // the kernel flags an out-of-range label by writing NaN (see fastlm/ops/cross_entropy.py).
-// linear_cross_entropy needs no CUDA glue: its chunk loop (csrc/cpu/linear_cross_entropy.cpp)
-// is registered for every device and reaches these kernels through the dispatcher.
+// fastlm.ops.linear_cross_entropy calls these kernels on each chunk of logits.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

@@ -31,13 +31,9 @@ void check_rows(const at::Tensor& t, const char* name) {
               t.sizes());
 }
 
-uint64_t seed_of(double dropout_p, const std::optional<at::Tensor>& seed) {
+uint64_t seed_of(double dropout_p, int64_t seed) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "softmax (cuda): dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p == 0.0) return 0;
-  TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->scalar_type() == at::kLong &&
-                  seed->device().is_cpu(),
-              "softmax (cuda): dropout_p > 0 needs seed, an int64 CPU tensor with one element");
-  return uint64_t(seed->data_ptr<int64_t>()[0]);  // a CPU tensor: no device sync
+  return dropout_p == 0.0 ? 0 : uint64_t(seed);
 }
 
 // The launchers' float workspace (long rows only; empty otherwise).
@@ -47,8 +43,7 @@ at::Tensor workspace_for(DType dtype, const at::Tensor& like) {
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                                                        double scale, double dropout_p,
-                                                        const std::optional<at::Tensor>& seed) {
+                                                        double scale, double dropout_p, int64_t seed) {
   check_rows(x, "x");
   const DType dtype = dtype_of(x);
   const uint64_t seed_value = seed_of(dropout_p, seed);
@@ -77,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_forward_cuda(const at::Tensor& x, con
 }
 
 at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, double scale, double dropout_p,
-                                 const std::optional<at::Tensor>& seed) {
+                                 int64_t seed) {
   check_rows(grad, "grad");
   check_rows(y, "y");
   TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type() && grad.device() == y.device(),

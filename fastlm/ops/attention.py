@@ -5,9 +5,11 @@ Both public functions go through one registered op family, ``fastlm::attention``
 :mod:`fastlm.reference.attention` plus the requested backend.  The backend is chosen per
 call inside the op (:func:`fastlm.registry.select`), so tracing never sees it.
 
-Problem facts given to the backends' ``limits``: ``head_dim`` (int), ``causal`` (int code:
-0 none, 1 top-left, 2 bottom-right), ``window`` (bool: a sliding window is given),
-``dropout`` (bool), ``packed`` (bool), ``gqa`` (bool: fewer kv heads than query heads).
+What a call tells the backends (:class:`fastlm.registry.Problem`): ``head_dim``, ``length``
+(the longest query or key sequence) and the features it needs, from :data:`FEATURES`:
+``padding`` (a key padding mask), ``packed`` (cu_seqlens), ``causal`` (top-left),
+``bottom_right`` (causal aligned to the last key), ``window``, ``dropout``, ``gqa``
+(fewer kv heads than query heads).
 """
 import math
 from typing import Optional
@@ -17,58 +19,42 @@ from torch import Tensor
 
 from fastlm import registry
 from fastlm.ops import _common
-from fastlm.registry import Implementation, Problem
+from fastlm.registry import Implementation, Problem, Sizes
 
-OP = "attention"
+FEATURES = frozenset({"padding", "packed", "causal", "bottom_right", "window", "dropout", "gqa"})
 _CAUSAL_CODES = {False: 0, True: 1, "bottom_right": 2}
-
-
-# --------------------------------------------------------------------------- backends
-def _cpu_limits(problem: Problem) -> list[str]:
-    if problem["head_dim"] > 256:
-        return [f"head_dim {problem['head_dim']} > 256"]
-    return []
-
-
-def _triton_limits(problem: Problem) -> list[str]:
-    if not 16 <= problem["head_dim"] <= 256:
-        return [f"head_dim {problem['head_dim']} outside 16..256"]
-    return []
-
-
-def _cuda_limits(problem: Problem) -> list[str]:
-    reasons = []
-    if problem["head_dim"] not in (64, 128):
-        reasons.append(f"head_dim {problem['head_dim']} not in (64, 128)")
-    if problem.get("window", False):
-        reasons.append("sliding window not implemented")
-    return reasons
-
+_CAUSAL_FEATURES = {0: (), 1: ("causal",), 2: ("bottom_right",)}
 
 registry.register(
-    Implementation(OP, "reference", "fastlm.reference.attention", _common.FLOAT_DTYPES),
-    Implementation(OP, "cpu", "fastlm_C", (torch.float32, torch.bfloat16, torch.float16), _cpu_limits),
-    Implementation(OP, "triton", "fastlm.kernels.attention", (torch.float16, torch.bfloat16, torch.float32),
-                   _triton_limits, verified=None),
-    Implementation(OP, "cuda", "fastlm_C", (torch.float16, torch.bfloat16), _cuda_limits, verified=None),
+    Implementation("attention", "reference", "fastlm.reference.attention", _common.FLOAT_DTYPES, features=FEATURES),
+    Implementation("attention", "cpu", "fastlm_C", (torch.float32, torch.bfloat16, torch.float16),
+                   head_dims=Sizes(1, 256), features=FEATURES),
+    Implementation("attention", "triton", "fastlm.kernels.attention", (torch.float16, torch.bfloat16, torch.float32),
+                   head_dims=Sizes(16, 256), features=FEATURES),
+    Implementation("attention", "cuda", "fastlm_C", (torch.float16, torch.bfloat16), head_dims=Sizes.of(64, 128),
+                   features=FEATURES - {"window"}),
 )
 
 
-def _select(q: Tensor, k: Tensor, packed: bool, causal: int, window: int, dropout_p: float,
+def problem(q: Tensor, k: Tensor, *, padding: bool, packed: bool, causal: int, window: int, dropout_p: float,
+            max_seqlen: int) -> Problem:
+    """What a call on ``q``/``k`` needs from a backend (kernel-level ``causal``/``window`` codes)."""
+    features = [name for name, needed in (("padding", padding), ("packed", packed), ("window", window > 0),
+                                          ("dropout", dropout_p > 0.0), ("gqa", q.shape[1] != k.shape[1]))
+                if needed]
+    return Problem.of(q.device, q.dtype, head_dim=q.shape[-1], length=max_seqlen,
+                      features=(*features, *_CAUSAL_FEATURES[causal]))
+
+
+def _select(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+            max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int, dropout_p: float,
             backend: str) -> Implementation:
-    problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], causal=causal, window=window > 0,
-                         dropout=dropout_p > 0.0, packed=packed, gqa=q.shape[1] != k.shape[1])
-    return registry.select(OP, problem, backend)
-
-
-def _seed_value(seed: Optional[Tensor]) -> int:
-    # ``seed`` is an int64 CPU tensor (see _common.dropout_seed): reading it never syncs a GPU.
-    return 0 if seed is None else int(seed.item())
-
-
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    """Kernels need unit stride in the last dim only; other strides are passed through."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    packed = cu_seqlens_q is not None
+    longest = max(max_seqlen_q, max_seqlen_k) if packed else max(q.shape[2], k.shape[2])
+    prob = problem(q, k, padding=key_padding_mask is not None, packed=packed, causal=causal, window=window,
+                   dropout_p=dropout_p, max_seqlen=longest)
+    return registry.select("attention", prob, backend, q=q, k=k, key_padding_mask=key_padding_mask,
+                           causal=causal, window=window, dropout_p=dropout_p)
 
 
 # ------------------------------------------------------------------- registered ops
@@ -77,15 +63,16 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, causal: int, window: int, dropout_p: float,
                   scale: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    impl = _select(q, k, cu_seqlens_q is not None, causal, window, dropout_p, backend)
+    impl = _select(q, k, key_padding_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window, dropout_p,
+                   backend)
     return impl.function("forward")(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
-                                    _seed_value(seed))
+                                    _common.seed_value(seed))
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, dropout_p, scale, seed, backend):
+def _attention_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    causal, window, dropout_p, scale, seed, backend):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -96,15 +83,16 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                            causal: int, window: int, dropout_p: float, scale: float, seed: Optional[Tensor],
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _select(q, k, cu_seqlens_q is not None, causal, window, dropout_p, backend)
+    impl = _select(q, k, key_padding_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window, dropout_p,
+                   backend)
     return impl.function("backward")(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, causal, window, dropout_p, scale,
-                                     _seed_value(seed))
+                                     _common.seed_value(seed))
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, dropout_p, scale, seed, backend):
+def _attention_backward_fake(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, causal, window, dropout_p, scale, seed, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -120,7 +108,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, causal, window, dropout_p, scale = ctx.scalars
-    dq, dk, dv = _attention_backward_op(_last_dim_contiguous(dout), q, k, v, out, lse, mask, cu_q, cu_k,
+    dq, dk, dv = _attention_backward_op(_common.last_dim_contiguous(dout), q, k, v, out, lse, mask, cu_q, cu_k,
                                         max_q, max_k, causal, window, dropout_p, scale, seed, ctx.backend)
     return (dq, dk, dv) + (None,) * 11
 
@@ -259,7 +247,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     window = _window_code(window)
     dropout_p = _common.check_probability("dropout_p", dropout_p)
     scale = _resolve_scale(scale, q.shape[-1])
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_common.last_dim_contiguous(t) for t in (q, k, v))
     out, _ = _attention_op(q, k, v, key_padding_mask, None, None, 0, 0, causal, window, dropout_p, scale,
                            _common.dropout_seed(dropout_p), backend)
     return out
@@ -296,7 +284,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     window = _window_code(window)
     dropout_p = _common.check_probability("dropout_p", dropout_p)
     scale = _resolve_scale(scale, q.shape[-1])
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_common.last_dim_contiguous(t) for t in (q, k, v))
     out, _ = _attention_op(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                            window, dropout_p, scale, _common.dropout_seed(dropout_p), backend)
     return out
@@ -305,9 +293,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 def serves(q: Tensor, k: Tensor, *, packed: bool = False, causal=False, window: Optional[int] = None,
            dropout_p: float = 0.0, backend: str = "auto") -> bool:
     """Whether ``backend`` (``"auto"`` or a name, as :func:`attention` takes it) can serve a call
-    on tensors like ``q``/``k`` with these features (dtype, head dim, window, ...)."""
+    on tensors like ``q``/``k`` (padded ``(B, H, S, D)`` or packed ``(T, H, D)``) with these
+    features (dtype, head dim, window, ...).  Sequence lengths are bounded by the tensors'."""
+    seq = -2 if q.dim() == 4 else 0
+    prob = problem(q, k, padding=False, packed=packed, causal=_causal_code(causal), window=_window_code(window),
+                   dropout_p=dropout_p, max_seqlen=max(q.shape[seq], k.shape[seq]))
     try:
-        _select(q, k, packed, _causal_code(causal), _window_code(window), dropout_p, backend)
+        registry.select("attention", prob, backend)
     except registry.BackendError:
         return False
     return True

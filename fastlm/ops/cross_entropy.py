@@ -16,24 +16,36 @@ import os
 import torch
 
 from fastlm import registry
-from fastlm.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
+from fastlm.ops import _common
+from fastlm.ops._common import acc_dtype
 from fastlm.registry import Implementation, Problem
 
+FEATURES = frozenset()  # label smoothing and z-loss are served by every backend
 REDUCTIONS = ("mean", "sum", "none")
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 registry.register(
-    Implementation("cross_entropy", "reference", "fastlm.reference.cross_entropy", FLOAT_DTYPES),
+    Implementation("cross_entropy", "reference", "fastlm.reference.cross_entropy", _common.FLOAT_DTYPES),
     Implementation("cross_entropy", "cpu", "fastlm_C", _FAST_DTYPES),
     Implementation("cross_entropy", "triton", "fastlm.kernels.cross_entropy", _FAST_DTYPES),
     Implementation("cross_entropy", "cuda", "fastlm_C", _FAST_DTYPES),
 )
 
 
+def problem(device: torch.device, dtype: torch.dtype, vocab: int) -> Problem:
+    """What a call on ``(N, vocab)`` logits needs from a backend (linear_cross_entropy asks too)."""
+    return Problem.of(device, dtype, length=vocab)
+
+
+def _select(logits: torch.Tensor, backend: str) -> Implementation:
+    return registry.select("cross_entropy", problem(logits.device, logits.dtype, logits.shape[-1]), backend,
+                           logits=logits)
+
+
 # ----------------------------------------------------------- shared with linear_cross_entropy
 def check_loss_args(labels, ignore_index, label_smoothing, z_loss, reduction) -> tuple[float, float]:
     """Validate the loss arguments common to both cross-entropy ops."""
-    check_tensor("labels", labels)
+    _common.check_tensor("labels", labels)
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be an int64 tensor of class indices, got dtype {str(labels.dtype).replace('torch.', '')}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -71,10 +83,6 @@ def maybe_check_labels(labels, vocab: int, ignore_index: int) -> None:
         check_labels_in_range(labels, vocab, ignore_index)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _normaliser(count, dtype):
     """max(count, 1) for an int or a 0-d tensor: 'mean' over zero labelled rows is 0, not NaN."""
     return count.clamp(min=1).to(dtype) if isinstance(count, torch.Tensor) else float(max(count, 1))
@@ -98,13 +106,9 @@ def row_scale(grad_loss, count, n_rows: int, reduction: str, dtype: torch.dtype)
     return g.expand(n_rows).contiguous()
 
 
-# ------------------------------------------------------------------------------ the op
-def _select(logits, backend: str):
-    return registry.select("cross_entropy", Problem.of(logits.device, logits.dtype, vocab=logits.shape[-1]), backend)
-
-
+# ------------------------------------------------------------------------ registered ops
 @torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+def _cross_entropy_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                    z_loss: float, reduction: str, with_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _select(logits, backend)
     n, v = logits.shape
@@ -114,17 +118,18 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         grad = logits.new_zeros(logits.shape) if with_grad else logits.new_empty(0)
     else:
         rows, grad = impl.function("forward")(logits, labels, ignore_index, label_smoothing, z_loss, with_grad)
+    # Reduced in the accumulation dtype; only the result is rounded to the logits' dtype.
     return reduce_rows(rows, (labels != ignore_index).sum(), reduction).to(logits.dtype), grad
 
 
-@_cross_entropy.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction, with_grad, backend):
+@_cross_entropy_op.register_fake
+def _cross_entropy_fake(logits, labels, ignore_index, label_smoothing, z_loss, reduction, with_grad, backend):
     loss = logits.new_empty(labels.shape if reduction == "none" else ())
     return loss, (torch.empty_like(logits) if with_grad else logits.new_empty(0))
 
 
 @torch.library.custom_op("fastlm::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward(grad_loss: torch.Tensor, grad_rows: torch.Tensor, labels: torch.Tensor,
+def _cross_entropy_backward_op(grad_loss: torch.Tensor, grad_rows: torch.Tensor, labels: torch.Tensor,
                             ignore_index: int, reduction: str, backend: str) -> torch.Tensor:
     impl = _select(grad_rows, backend)
     if grad_rows.shape[0] == 0:
@@ -134,8 +139,8 @@ def _cross_entropy_backward(grad_loss: torch.Tensor, grad_rows: torch.Tensor, la
     return impl.function("backward")(grad_rows, scale)
 
 
-@_cross_entropy_backward.register_fake
-def _(grad_loss, grad_rows, labels, ignore_index, reduction, backend):
+@_cross_entropy_backward_op.register_fake
+def _cross_entropy_backward_fake(grad_loss, grad_rows, labels, ignore_index, reduction, backend):
     return torch.empty_like(grad_rows)
 
 
@@ -151,11 +156,11 @@ def _backward(ctx, grad_loss, _unused):
     ignore_index, reduction, with_grad, backend = ctx.args
     if not with_grad:
         raise RuntimeError("fastlm.ops.cross_entropy: the forward ran without gradient (logits did not require grad)")
-    grad = _cross_entropy_backward(grad_loss, grad_rows, labels, ignore_index, reduction, backend)
+    grad = _cross_entropy_backward_op(grad_loss, grad_rows, labels, ignore_index, reduction, backend)
     return grad, None, None, None, None, None, None, None
 
 
-_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- public function
@@ -176,8 +181,9 @@ def cross_entropy(logits, labels, *, ignore_index: int = -100, label_smoothing: 
         z_loss: adds ``z_loss * logsumexp(row)**2`` to every labelled row's loss
             (PaLM's auxiliary loss that keeps the log-normaliser near 0); 0 disables it.
 
-    Returns the loss in the logits' dtype, computed with float32 accumulation (float64 for
-    float64 logits).
+    Returns the loss in the logits' dtype, as ``F.cross_entropy`` does: the rows and their
+    reduction are computed in float32 (float64 for float64 logits) and only the result is
+    rounded to the logits' dtype.  (:func:`fastlm.ops.linear_cross_entropy` returns float32.)
 
     Differences from PyTorch: when every label is ``ignore_index`` the ``"mean"`` loss is
     0.0 with zero gradients (PyTorch gives NaN).
@@ -188,19 +194,19 @@ def cross_entropy(logits, labels, *, ignore_index: int = -100, label_smoothing: 
     the training loop sees it at the sync it already makes when it reads the loss.  Set
     ``FASTLM_CHECK_LABELS=1`` to get the ValueError on GPU too, at the cost of one sync.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, min_ndim=1)
+    _common.check_tensor("logits", logits, dtypes=_common.FLOAT_DTYPES, min_ndim=1)
     label_smoothing, z_loss = check_loss_args(labels, ignore_index, label_smoothing, z_loss, reduction)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError("logits must have at least one class (last dimension is 0)")
-    check_same_device(logits=logits, labels=labels)
+    _common.check_same_device(logits=logits, labels=labels)
     backend = registry.check_backend_name(backend)
     v = logits.shape[-1]
     flat_logits = logits.reshape(-1, v).contiguous()
     flat_labels = labels.reshape(-1).contiguous()
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _cross_entropy(flat_logits, flat_labels, ignore_index, label_smoothing, z_loss, reduction,
+    loss, _ = _cross_entropy_op(flat_logits, flat_labels, ignore_index, label_smoothing, z_loss, reduction,
                              with_grad, backend)
     return loss.reshape(labels.shape) if reduction == "none" else loss

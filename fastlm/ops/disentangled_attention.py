@@ -12,8 +12,9 @@ sequence in packed mode) and map it to its row of the positional tables through
 with transformers' own log-bucket formula and float32 operations, so the buckets are
 bit-identical to transformers' on every device.
 
-Problem facts given to the backends' ``limits``: ``head_dim`` (int), ``dropout``, ``packed``,
-``c2p``, ``p2c`` (bools).
+What a call tells the backends (:class:`fastlm.registry.Problem`): ``head_dim``, ``length``
+(the longest sequence) and the features it needs, from :data:`FEATURES`: ``padding`` (a key
+padding mask), ``packed`` (cu_seqlens), ``dropout``, ``c2p`` / ``p2c`` (a positional table).
 """
 from __future__ import annotations
 
@@ -25,38 +26,36 @@ from torch import Tensor
 
 from fastlm import registry
 from fastlm.ops import _common
-from fastlm.ops.attention import (_check_cu_seqlens, _check_key_padding_mask, _last_dim_contiguous,
-                                  _seed_value)
-from fastlm.registry import Implementation, Problem
+from fastlm.ops.attention import _check_cu_seqlens, _check_key_padding_mask
+from fastlm.registry import Implementation, Problem, Sizes
 
-OP = "disentangled_attention"
-
-
-# --------------------------------------------------------------------------- backends
-def _cpu_limits(problem: Problem) -> list[str]:
-    if problem["head_dim"] > 256:
-        return [f"head_dim {problem['head_dim']} > 256"]
-    return []
-
-
-def _triton_limits(problem: Problem) -> list[str]:
-    if not 16 <= problem["head_dim"] <= 128:
-        return [f"head_dim {problem['head_dim']} outside 16..128"]
-    return []
-
+FEATURES = frozenset({"padding", "packed", "dropout", "c2p", "p2c"})
 
 registry.register(
-    Implementation(OP, "reference", "fastlm.reference.disentangled_attention", _common.FLOAT_DTYPES),
-    Implementation(OP, "cpu", "fastlm_C", (torch.float32, torch.bfloat16, torch.float16), _cpu_limits),
-    Implementation(OP, "triton", "fastlm.kernels.disentangled_attention",
-                   (torch.float16, torch.bfloat16, torch.float32), _triton_limits, verified=None),
+    Implementation("disentangled_attention", "reference", "fastlm.reference.disentangled_attention",
+                   _common.FLOAT_DTYPES, features=FEATURES),
+    Implementation("disentangled_attention", "cpu", "fastlm_C", (torch.float32, torch.bfloat16, torch.float16),
+                   head_dims=Sizes(1, 256), features=FEATURES),
+    Implementation("disentangled_attention", "triton", "fastlm.kernels.disentangled_attention",
+                   (torch.float16, torch.bfloat16, torch.float32), head_dims=Sizes(16, 128), features=FEATURES),
 )
 
 
-def _select(q: Tensor, packed: bool, c2p: bool, p2c: bool, dropout_p: float, backend: str) -> Implementation:
-    problem = Problem.of(q.device, q.dtype, head_dim=q.shape[-1], dropout=dropout_p > 0.0, packed=packed,
-                         c2p=c2p, p2c=p2c)
-    return registry.select(OP, problem, backend)
+def problem(q: Tensor, *, padding: bool, packed: bool, c2p: bool, p2c: bool, dropout_p: float,
+            max_seqlen: int) -> Problem:
+    """What a call on ``q`` needs from a backend."""
+    features = [name for name, needed in (("padding", padding), ("packed", packed), ("dropout", dropout_p > 0.0),
+                                          ("c2p", c2p), ("p2c", p2c)) if needed]
+    return Problem.of(q.device, q.dtype, head_dim=q.shape[-1], length=max_seqlen, features=features)
+
+
+def _select(q: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor], key_padding_mask: Optional[Tensor],
+            cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float, backend: str) -> Implementation:
+    packed = cu_seqlens is not None
+    prob = problem(q, padding=key_padding_mask is not None, packed=packed, c2p=pos_key is not None,
+                   p2c=pos_query is not None, dropout_p=dropout_p, max_seqlen=max_seqlen if packed else q.shape[2])
+    return registry.select("disentangled_attention", prob, backend, q=q, pos_key=pos_key, pos_query=pos_query,
+                           key_padding_mask=key_padding_mask, dropout_p=dropout_p)
 
 
 # ------------------------------------------------------------------- relative positions
@@ -90,39 +89,40 @@ def relative_slots(length: int, slots: int, position_buckets: int, max_relative_
 
 # ------------------------------------------------------------------- registered ops
 @torch.library.custom_op("fastlm::disentangled_attention", mutates_args=())
-def _op(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor], rel_slots: Tensor,
-        key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
-        scale: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    impl = _select(q, cu_seqlens is not None, pos_key is not None, pos_query is not None, dropout_p, backend)
+def _disentangled_attention_op(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                               pos_query: Optional[Tensor], rel_slots: Tensor, key_padding_mask: Optional[Tensor],
+                               cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float, scale: float,
+                               seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    impl = _select(q, pos_key, pos_query, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, backend)
     return impl.function("forward")(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens,
-                                    max_seqlen, dropout_p, scale, _seed_value(seed))
+                                    max_seqlen, dropout_p, scale, _common.seed_value(seed))
 
 
-@_op.register_fake
-def _(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed,
-      backend):
+@_disentangled_attention_op.register_fake
+def _disentangled_attention_fake(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen,
+                                 dropout_p, scale, seed, backend):
     lse_shape = q.shape[:3] if cu_seqlens is None else (q.shape[1], q.shape[0])
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::disentangled_attention_backward", mutates_args=())
-def _backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-                 pos_query: Optional[Tensor], rel_slots: Tensor, out: Tensor, lse: Tensor,
-                 key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
-                 dropout_p: float, scale: float, seed: Optional[Tensor],
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _select(q, cu_seqlens is not None, pos_key is not None, pos_query is not None, dropout_p, backend)
+def _disentangled_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                                        pos_query: Optional[Tensor], rel_slots: Tensor, out: Tensor, lse: Tensor,
+                                        key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                                        max_seqlen: int, dropout_p: float, scale: float, seed: Optional[Tensor],
+                                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _select(q, pos_key, pos_query, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, backend)
     return impl.function("backward")(dout, q, k, v, pos_key, pos_query, rel_slots, out, lse, key_padding_mask,
-                                     cu_seqlens, max_seqlen, dropout_p, scale, _seed_value(seed))
+                                     cu_seqlens, max_seqlen, dropout_p, scale, _common.seed_value(seed))
 
 
 def _like_table(t: Optional[Tensor], q: Tensor) -> Tensor:
     return torch.empty_like(t) if t is not None else q.new_empty((0,))
 
 
-@_backward_op.register_fake
-def _(dout, q, k, v, pos_key, pos_query, rel_slots, out, lse, key_padding_mask, cu_seqlens, max_seqlen,
-      dropout_p, scale, seed, backend):
+@_disentangled_attention_backward_op.register_fake
+def _disentangled_attention_backward_fake(dout, q, k, v, pos_key, pos_query, rel_slots, out, lse, key_padding_mask,
+                                          cu_seqlens, max_seqlen, dropout_p, scale, seed, backend):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _like_table(pos_key, q),
             _like_table(pos_query, q))
 
@@ -139,12 +139,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, pos_key, pos_query, rel_slots, out, lse, mask, cu, seed = ctx.saved_tensors
     max_seqlen, dropout_p, scale = ctx.scalars
-    dq, dk, dv, dpk, dpq = _backward_op(_last_dim_contiguous(dout), q, k, v, pos_key, pos_query, rel_slots, out,
-                                        lse, mask, cu, max_seqlen, dropout_p, scale, seed, ctx.backend)
+    dq, dk, dv, dpk, dpq = _disentangled_attention_backward_op(
+        _common.last_dim_contiguous(dout), q, k, v, pos_key, pos_query, rel_slots, out, lse, mask, cu, max_seqlen,
+        dropout_p, scale, seed, ctx.backend)
     return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None) + (None,) * 8
 
 
-_op.register_autograd(_backward, setup_context=_setup_context)
+_disentangled_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -199,8 +200,8 @@ def _prepare(q, k, v, pos_key, pos_query, length, position_buckets, max_relative
         rel_slots = relative_slots(length, tables[0].shape[1], position_buckets, max_relative_positions, q.device)
     else:
         rel_slots = torch.empty(0, dtype=torch.int32, device=q.device)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    pos_key, pos_query = (None if t is None else _last_dim_contiguous(t) for t in (pos_key, pos_query))
+    q, k, v = (_common.last_dim_contiguous(t) for t in (q, k, v))
+    pos_key, pos_query = (None if t is None else _common.last_dim_contiguous(t) for t in (pos_key, pos_query))
     return q, k, v, pos_key, pos_query, rel_slots, dropout_p, scale
 
 
@@ -241,8 +242,8 @@ def disentangled_attention(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Te
     key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
     q, k, v, pos_key, pos_query, rel_slots, dropout_p, scale = _prepare(
         q, k, v, pos_key, pos_query, q.shape[2], position_buckets, max_relative_positions, scale, dropout_p)
-    out, _ = _op(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, None, 0, dropout_p, scale,
-                 _common.dropout_seed(dropout_p), backend)
+    out, _ = _disentangled_attention_op(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, None, 0, dropout_p,
+                                        scale, _common.dropout_seed(dropout_p), backend)
     return out
 
 
@@ -273,15 +274,6 @@ def varlen_disentangled_attention(q: Tensor, k: Tensor, v: Tensor, pos_key: Opti
         raise ValueError(f"max_seqlen must be >= 1 (the longest sequence), got {max_seqlen}")
     q, k, v, pos_key, pos_query, rel_slots, dropout_p, scale = _prepare(
         q, k, v, pos_key, pos_query, max_seqlen, position_buckets, max_relative_positions, scale, dropout_p)
-    out, _ = _op(q, k, v, pos_key, pos_query, rel_slots, None, cu_seqlens, max_seqlen, dropout_p, scale,
-                 _common.dropout_seed(dropout_p), backend)
+    out, _ = _disentangled_attention_op(q, k, v, pos_key, pos_query, rel_slots, None, cu_seqlens, max_seqlen,
+                                        dropout_p, scale, _common.dropout_seed(dropout_p), backend)
     return out
-
-
-def serves(q: Tensor, *, packed: bool, c2p: bool, p2c: bool, dropout_p: float = 0.0, backend: str = "auto") -> bool:
-    """Whether ``backend`` can serve a call on tensors like ``q`` with these features."""
-    try:
-        _select(q, packed, c2p, p2c, dropout_p, backend)
-    except registry.BackendError:
-        return False
-    return True

@@ -16,74 +16,28 @@ from typing import Optional
 import torch
 
 from fastlm import registry
-from fastlm.ops._common import FLOAT_DTYPES, check_probability, check_tensor, dropout_seed
+from fastlm.ops import _common
 from fastlm.registry import Implementation, Problem
 
+FEATURES = frozenset({"dropout"})
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 registry.register(
-    Implementation("softmax", "reference", "fastlm.reference.softmax", FLOAT_DTYPES),
-    Implementation("softmax", "cpu", "fastlm_C", _KERNEL_DTYPES),
-    Implementation("softmax", "triton", "fastlm.kernels.softmax", _KERNEL_DTYPES),
-    Implementation("softmax", "cuda", "fastlm_C", _KERNEL_DTYPES),
+    Implementation("softmax", "reference", "fastlm.reference.softmax", _common.FLOAT_DTYPES, features=FEATURES),
+    Implementation("softmax", "cpu", "fastlm_C", _KERNEL_DTYPES, features=FEATURES),
+    Implementation("softmax", "triton", "fastlm.kernels.softmax", _KERNEL_DTYPES, features=FEATURES),
+    Implementation("softmax", "cuda", "fastlm_C", _KERNEL_DTYPES, features=FEATURES),
 )
 
 
-def softmax(x: torch.Tensor, *, scale: float = 1.0, mask: Optional[torch.Tensor] = None, dim: int = -1,
-            dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """``dropout(softmax(x * scale + mask, dim), dropout_p)`` in one pass.
-
-    Args:
-        x: any shape, float16 / bfloat16 / float32 / float64 (float64 runs on the
-           reference backend); accumulation is in float32 (float64 for float64).
-        scale: multiplies ``x`` before the mask is applied.
-        mask: broadcastable to ``x``.  ``bool``: True = keep, False = excluded (-inf);
-           or additive with ``x``'s dtype, added after scaling (an additive mask that
-           requires grad gets its gradient, e.g. a learned position bias).
-        dim: the softmax dimension (any; ``x`` is copied at most once).
-        dropout_p: dropout on the probabilities (kept values scaled by 1/(1-p)),
-           applied whenever > 0; the seed comes from torch's CPU generator, so runs
-           are reproducible under ``torch.manual_seed``.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``fastlm info``).
-
-    Returns ``x``'s shape and dtype.  A row whose entries are all -inf after masking
-    (e.g. fully masked) gives zeros and zero gradients, where ``F.softmax`` gives NaN.
-    """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite python float, got {scale!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
-    if mask is not None:
-        check_tensor("mask", mask)
-        if mask.dtype not in (torch.bool, x.dtype):
-            raise TypeError(f"mask must be bool (True = keep) or additive with x's dtype "
-                            f"{str(x.dtype).replace('torch.', '')}, got {str(mask.dtype).replace('torch.', '')}")
-        if mask.device != x.device:
-            raise ValueError(f"mask is on {mask.device} but x is on {x.device}: they must share a device")
-        try:
-            broadcast = torch.broadcast_shapes(mask.shape, x.shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != x.shape:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to x's shape {tuple(x.shape)}")
-    dropout_p = check_probability("dropout_p", dropout_p)
-    backend = registry.check_backend_name(backend)
-    out, _ = torch.ops.fastlm.softmax(x, mask, float(scale), dim % x.dim(), dropout_p,
-                                      dropout_seed(dropout_p), backend)
-    return out
-
-
-# ----------------------------------------------------------------------- canonical form
 def _select(x: torch.Tensor, dim: int, dropout_p: float, backend: str) -> Implementation:
     # Only facts the backward also knows, so forward and backward pick the same backend
     # (their dropout streams differ between backends).
-    problem = Problem.of(x.device, x.dtype, row_length=x.shape[dim], dropout=dropout_p > 0)
-    return registry.select("softmax", problem, backend)
+    problem = Problem.of(x.device, x.dtype, length=x.shape[dim], features=("dropout",) if dropout_p > 0 else ())
+    return registry.select("softmax", problem, backend, x=x, dim=dim, dropout_p=dropout_p)
 
 
+# ----------------------------------------------------------------------- canonical form
 def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` as a contiguous (R, N) matrix with ``dim`` last: at most one copy."""
     return t.movedim(dim, -1).contiguous().view(-1, t.shape[dim])
@@ -95,7 +49,9 @@ def _unrows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _empty_rows_like(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _unrows(x.new_empty((x.numel() // x.shape[dim], x.shape[dim])), x, dim)
+    """An uninitialised tensor shaped like ``x`` with the strides :func:`_unrows` gives
+    (also when a dimension is 0, which no (R, N) view can express)."""
+    return x.new_empty(x.movedim(dim, -1).shape).movedim(-1, dim)
 
 
 def _mask_view(mask: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
@@ -130,7 +86,7 @@ def _softmax_op(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, dim
     if x.numel() == 0:
         return _softmax_fake(x, mask, scale, dim, dropout_p, seed, backend)
     m = None if mask is None else _mask_view(mask, x.shape, dim)
-    out, probs = impl.function("forward")(_rows(x, dim), m, scale, dropout_p, seed)
+    out, probs = impl.function("forward")(_rows(x, dim), m, scale, dropout_p, _common.seed_value(seed))
     return _unrows(out, x, dim), (_unrows(probs, x, dim) if dropout_p > 0 else probs)
 
 
@@ -147,7 +103,7 @@ def _softmax_backward_op(grad: torch.Tensor, y: torch.Tensor, scale: float, dim:
     impl = _select(y, dim, dropout_p, backend)
     if y.numel() == 0:
         return _empty_rows_like(y, dim)
-    dx = impl.function("backward")(_rows(grad, dim), _rows(y, dim), scale, dropout_p, seed)
+    dx = impl.function("backward")(_rows(grad, dim), _rows(y, dim), scale, dropout_p, _common.seed_value(seed))
     return _unrows(dx, y, dim)
 
 
@@ -171,12 +127,60 @@ def _backward(ctx, grad_out, grad_probs):
     dx = dmask = None
     if need_mask:
         # The additive mask's gradient is dz itself, summed over its broadcast dims.
-        dz = torch.ops.fastlm.softmax_backward(grad_out, y, 1.0, ctx.dim, ctx.dropout_p, seed, ctx.backend)
+        dz = _softmax_backward_op(grad_out, y, 1.0, ctx.dim, ctx.dropout_p, seed, ctx.backend)
         dmask = dz.sum_to_size(ctx.mask_shape)
         dx = dz * ctx.scale if need_x else None
     elif need_x:
-        dx = torch.ops.fastlm.softmax_backward(grad_out, y, ctx.scale, ctx.dim, ctx.dropout_p, seed, ctx.backend)
+        dx = _softmax_backward_op(grad_out, y, ctx.scale, ctx.dim, ctx.dropout_p, seed, ctx.backend)
     return dx, dmask, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::softmax", _backward, setup_context=_setup_context)
+_softmax_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------- public function
+def softmax(x: torch.Tensor, *, scale: float = 1.0, mask: Optional[torch.Tensor] = None, dim: int = -1,
+            dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """``dropout(softmax(x * scale + mask, dim), dropout_p)`` in one pass.
+
+    Args:
+        x: any shape, float16 / bfloat16 / float32 / float64 (float64 runs on the
+           reference backend); accumulation is in float32 (float64 for float64).
+        scale: multiplies ``x`` before the mask is applied.
+        mask: broadcastable to ``x``.  ``bool``: True = keep, False = excluded (-inf);
+           or additive with ``x``'s dtype, added after scaling (an additive mask that
+           requires grad gets its gradient, e.g. a learned position bias).
+        dim: the softmax dimension (any; ``x`` is copied at most once).
+        dropout_p: dropout on the probabilities (kept values scaled by 1/(1-p)),
+           applied whenever > 0; the seed comes from torch's CPU generator, so runs
+           are reproducible under ``torch.manual_seed``.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``fastlm info``).
+
+    Returns ``x``'s shape and dtype (empty when ``x`` is, e.g. a softmax over a dimension
+    of size 0, as ``F.softmax``).  A row whose entries are all -inf after masking (e.g.
+    fully masked) gives zeros and zero gradients, where ``F.softmax`` gives NaN.
+    """
+    _common.check_tensor("x", x, dtypes=_common.FLOAT_DTYPES, min_ndim=1)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite python float, got {scale!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
+    if mask is not None:
+        _common.check_tensor("mask", mask)
+        if mask.dtype not in (torch.bool, x.dtype):
+            raise TypeError(f"mask must be bool (True = keep) or additive with x's dtype "
+                            f"{str(x.dtype).replace('torch.', '')}, got {str(mask.dtype).replace('torch.', '')}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}: they must share a device")
+        try:
+            broadcast = torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != x.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to x's shape {tuple(x.shape)}")
+    dropout_p = _common.check_probability("dropout_p", dropout_p)
+    backend = registry.check_backend_name(backend)
+    out, _ = _softmax_op(x, mask, float(scale), dim % x.dim(), dropout_p, _common.dropout_seed(dropout_p), backend)
+    return out

@@ -43,9 +43,7 @@ stays exact for float64 gradcheck.
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from fastlm.ops._common import acc_dtype
 
 
 def _visible(lq: int, lk: int, causal: int, window: int, device) -> torch.Tensor | None:
@@ -117,7 +115,7 @@ def _forward_block(q, k, v, allowed, scale, dropout_p, gen):
 
     Returns out (N, Hq, Sq, D) and lse (N, Hq, Sq) in the compute dtype.
     """
-    cdt = _compute_dtype(q)
+    cdt = acc_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
     kc = _expand_kv(k.to(cdt), groups)
     vc = _expand_kv(v.to(cdt), groups)
@@ -136,7 +134,7 @@ def _backward_block(dout, q, k, v, allowed, scale, dropout_p, gen):
     dQ = scale * dS K, dK = scale * dS^T Q.  Rows with no visible key have P = 0,
     hence zero gradients.
     """
-    cdt = _compute_dtype(q)
+    cdt = acc_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
     qc, doc = q.to(cdt), dout.to(cdt)
     kc = _expand_kv(k.to(cdt), groups)

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from fastlm.ops._common import acc_dtype
 
 
 def _generator(seed: int, dropout_p: float, device) -> torch.Generator | None:
@@ -132,7 +130,7 @@ def _block_backward(dout, q, k, v, pos_key, pos_query, slots, allowed, scale, dr
 
 
 def _upcast(*tensors):
-    return [None if t is None else t.to(_compute_dtype(tensors[0])) for t in tensors]
+    return [None if t is None else t.to(acc_dtype(tensors[0].dtype)) for t in tensors]
 
 
 def _sequences(cu_seqlens) -> list[tuple[int, int]]:

@@ -12,9 +12,9 @@ Kernel-level contract, shared by every backend (``fastlm.reference.softmax``,
            in memory).  Row r reads mask[r // (D1*D2), (r // D2) % D1, r % D2, :].
            bool: True = keep (False -> -inf); otherwise x.dtype, added after scaling.
     scale: python float, applied to x before the mask.
-    dropout_p, seed: dropout probability in [0, 1) and an int64 CPU tensor of shape
-           (1,) (None when dropout_p == 0).  Every backend derives the dropout bits
-           from (seed, row, column) alone, so the backward regenerates the mask.
+    dropout_p, seed: dropout probability in [0, 1) and a python int (ignored when
+           dropout_p == 0).  Every backend derives the dropout bits from (seed, row,
+           column) alone, so the backward regenerates the mask.
     out:   (R, N) x.dtype, dropout(softmax(x * scale + mask)), kept values / (1 - p).
     probs: the pre-dropout probabilities (R, N) when dropout_p > 0 (the backward needs
            them); otherwise an empty (0,) tensor (out itself is then the probabilities:
@@ -30,20 +30,17 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.ops._common import acc_dtype
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _keep(shape, device, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+def _keep(shape, device, dropout_p: float, seed: int) -> torch.Tensor:
     """The dropout keep-mask for this seed: a generator seeded with it regenerates it exactly."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed.reshape(-1)[0]))  # seed lives on the CPU: no device sync
+    gen.manual_seed(seed)
     return torch.rand(shape, generator=gen, device=device) >= dropout_p
 
 
 def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
-    cdt = _compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     rows = x.shape[0]
     z = x.to(cdt) * scale
     if mask is not None:
@@ -66,7 +63,7 @@ def softmax_forward(x, mask, scale: float, dropout_p: float, seed):
 
 
 def softmax_backward(grad, y, scale: float, dropout_p: float, seed):
-    cdt = _compute_dtype(y.dtype)
+    cdt = acc_dtype(y.dtype)
     g = grad.to(cdt)
     yf = y.to(cdt)
     if dropout_p > 0.0:
