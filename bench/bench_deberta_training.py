@@ -8,7 +8,7 @@ vocabulary 128,100, 256 position buckets; random weights, no download), dropout 
 (0.1).
 
     python bench/bench_deberta_training.py               # batch 16, max length 256 (CPU: fp32, 2 threads here)
-    python bench/bench_deberta_training.py --gpu-check   # GPU: the same shape, bf16 autocast, 5 steps
+    python bench/bench_deberta_training.py --gpu-check   # GPU: the same shape (random ids), bf16 autocast
     python bench/bench_deberta_training.py --quick       # 2 layers, batch 4, max length 64
 
 Timing: the two models (same weights) train side by side, step by step, interleaved
@@ -45,22 +45,26 @@ XSMALL = dict(vocab_size=128100, hidden_size=384, num_hidden_layers=12, num_atte
               pooler_hidden_size=384, pooler_dropout=0, pooler_hidden_act="gelu", num_labels=2)
 PRESETS = {
     "full": dict(batch=16, max_length=256, steps=5, layers=12),
-    "gpu-check": dict(batch=16, max_length=256, steps=5, layers=12),
+    "gpu-check": dict(batch=16, max_length=256, steps=4, layers=12, random_ids=True),
     "quick": dict(batch=4, max_length=64, steps=3, layers=2),
 }
 PROVIDERS = ("hf", "fastlm")
 
 
 def batches(size: dict, device, count: int, seed: int = 0) -> list[dict]:
-    """Padded batches of real text (see the module docstring) with random binary labels."""
+    """Padded batches with random binary labels: real text (see the module docstring), or for
+    ``--gpu-check`` random ids with ~40% padding (no tokenizer in the GPU budget)."""
     import random
 
+    import training_workloads as tw
+
+    if size.get("random_ids"):
+        out = tw.random_batches("cls", XSMALL["vocab_size"], size["batch"], size["max_length"], 0.4, count, seed)
+        return [{k: v.to(device) for k, v in b.items()} for b in out]
     from transformers import AutoTokenizer
 
-    from bench_training import docstrings, model_path
-
-    tok = AutoTokenizer.from_pretrained(model_path(None))
-    encoded = tok(docstrings(), truncation=True, max_length=size["max_length"])["input_ids"]
+    tok = AutoTokenizer.from_pretrained(tw.minilm_path(None))
+    encoded = tok(tw.docstrings(), truncation=True, max_length=size["max_length"])["input_ids"]
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     out = []
