@@ -136,7 +136,12 @@ def expected_attention(q, k, v, visible=None, scale=None, keep=None, dropout_p=0
     k = k.repeat_interleave(groups, 1)
     v = v.repeat_interleave(groups, 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    return softmax_times_v(torch.einsum("bhid,bhjd->bhij", q, k) * scale, v, visible, keep, dropout_p)
+
+
+def softmax_times_v(s, v, visible=None, keep=None, dropout_p=0.0):
+    """softmax over the visible keys of the scores ``s`` (B, H, Lq, Lk), dropout by ``keep``,
+    times ``v``; rows with no visible key -> 0.  In s's dtype (float64 in the truths)."""
     if visible is None:
         visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
     visible = visible.expand(s.shape)

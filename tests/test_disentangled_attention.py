@@ -19,7 +19,7 @@ from fastlm.ops.disentangled_attention import (disentangled_attention, relative_
                                                varlen_disentangled_attention)
 from fastlm.registry import BackendError
 
-from _attention_targets import assert_close, assert_within_eager  # noqa: E402
+from _attention_targets import assert_close, assert_within_eager, softmax_times_v  # noqa: E402
 from _backends import gpu_params, require_backend  # noqa: E402
 
 TARGETS = [
@@ -83,16 +83,8 @@ def truth(q, k, v, pos_key, pos_query, slots, key_mask=None, scale=None, keep=No
         s = s + torch.einsum("bhid,hijd->bhij", q, pos_key.double()[:, slots.to(q.device)])
     if pos_query is not None:  # k_j . pos_query[slot(i, j)]
         s = s + torch.einsum("bhjd,hijd->bhij", k, pos_query.double()[:, slots.to(q.device)])
-    s = s * scale
-    visible = torch.ones_like(s, dtype=torch.bool)
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    any_visible = visible.any(-1, keepdim=True)
-    s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
-    p = torch.softmax(s, -1) * any_visible
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return torch.einsum("bhij,bhjd->bhid", p, v)
+    visible = None if key_mask is None else key_mask[:, None, None, :]
+    return softmax_times_v(s * scale, v, visible, keep, dropout_p)
 
 
 # ------------------------------------------------------------------------------ inputs
