@@ -54,7 +54,15 @@ def attention_math(q, k, v, *, cu_seqlens=None, key_padding_mask=None, causal=Fa
     if visible_keys is None:
         visible_keys = visible(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
                                window=window, device=q.device)
-    vis = visible_keys.expand(s.shape)
+    return softmax_times_v(s, v, visible_keys, keep, dropout_p)
+
+
+def softmax_times_v(s, v, visible_keys=None, keep=None, dropout_p=0.0):
+    """softmax of the scores ``s`` ``(B, H, Lq, Lk)`` over the visible keys (a bool mask
+    broadcastable to ``s``; None: all), dropout by ``keep``, times ``v`` ``(B, H, Lk, D)``, in
+    s's dtype: ``(out, lse)``; a row with no visible key gives out 0, lse -inf and zero
+    gradients.  The attention truths (this module's, DeBERTa's) end here."""
+    vis = torch.ones_like(s, dtype=torch.bool) if visible_keys is None else visible_keys.expand(s.shape)
     seen = vis.any(-1, keepdim=True)
     s = torch.where(vis, s, float("-inf"))
     p = torch.softmax(torch.where(seen, s, 0.0), -1) * seen  # an empty row: 0, not NaN

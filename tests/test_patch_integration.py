@@ -16,7 +16,7 @@ import torch
 import fastlm
 
 from _patch_models import (assert_close_rel, assert_same_grads, assert_twins_train_alike, decoder,  # noqa: E402
-                           encoder, mlm_labels, padded_batch, twins)
+                           encoder, mlm_labels, padded_batch, trainer_losses, twins)
 
 REL = 1e-5
 
@@ -98,21 +98,12 @@ def test_real_minilm_sequence_classification_matches(minilm):
 
 # ----------------------------------------------------------------------------- training stack
 def test_trainer_short_run_same_losses(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     ids, mask = padded_batch([12, 5, 9, 12, 3, 7, 12, 8], seq=12)
     labels = mlm_labels(ids, mask)
     rows = [dict(input_ids=ids[i], attention_mask=mask[i], labels=labels[i]) for i in range(len(ids))]
-    histories = []
     ref, new = twins(encoder("bert", "ForMaskedLM"))
     fastlm.patch(new)
-    for model in (ref, new):
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                                 learning_rate=1e-3, seed=0, data_seed=0, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=rows)
-        trainer.train()
-        histories.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    histories = [trainer_losses(model, rows, tmp_path) for model in (ref, new)]
     assert len(histories[1]) == 3
     assert_close_rel(torch.tensor(histories[1]), torch.tensor(histories[0]), 1e-4, "trainer losses")
 

@@ -27,7 +27,8 @@ def _launches(monkeypatch):
     from triton.runtime import interpreter
 
     import fastlm
-    from fastlm.ops import attention, cross_entropy, linear_cross_entropy, softmax, varlen_attention
+    from fastlm.ops import (attention, cross_entropy, disentangled_attention, linear_cross_entropy, softmax,
+                            varlen_attention, varlen_disentangled_attention)
 
     if not fastlm.registry.triton_interpreted():
         pytest.skip("records launches under TRITON_INTERPRET=1")
@@ -49,6 +50,13 @@ def _launches(monkeypatch):
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
     qp, kp, vp = t(13, 4, 40), t(13, 4, 40), t(13, 4, 40)
     varlen_attention(qp, kp, vp, cu, cu, 7, 7, causal=True, window=3, backend="triton").sum().backward()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, k, v, pk, pq = (t(*shape, dtype=dtype) for shape in ((2, 2, 9, 64),) * 3 + ((2, 8, 64),) * 2)
+        for kw in (dict(), dict(key_padding_mask=mask, dropout_p=0.2)):
+            disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16, backend="triton",
+                                   **kw).sum().backward()
+    varlen_disentangled_attention(qp, kp, vp, t(4, 8, 40), None, cu, 7, position_buckets=4, max_relative_positions=16,
+                                  backend="triton").sum().backward()
     for dtype in (torch.float16, torch.bfloat16):
         x = t(2, 3, 300, dtype=dtype)
         for kw in (dict(), dict(mask=torch.rand(2, 1, 300) > 0.2, dropout_p=0.1), dict(mask=t(3, 300, dtype=dtype))):
@@ -159,7 +167,7 @@ def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
     launches = _launches(monkeypatch)
     kernels = {json.loads(launch)["kernel"] for launch in launches}
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_fwd_rows", "_fwd_segment_stats",
-            "_bwd_segment_write"} <= kernels, kernels
+            "_bwd_segment_write", "_dis_fwd", "_dis_bwd_dkdv", "_dis_bwd_dq"} <= kernels, kernels
     env = dict(os.environ, TRITON_INTERPRET="0")
     # cwd elsewhere: `python -c` puts the cwd first on sys.path, and in a checkout that is the source
     # folder, not the installed fastlm the launches were recorded from

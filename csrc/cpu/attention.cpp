@@ -26,7 +26,7 @@
 //   so the backward regenerates the forward's mask.
 // * a query row that sees no key outputs 0, lse = -inf and gets zero gradients.
 //
-// Matrix products go to the BLAS linked into libtorch (sgemm_, resolved weakly at
+// Matrix products (csrc/cpu/attention_rows.h) go to the BLAS linked into libtorch (sgemm_, resolved weakly at
 // load time) with no dispatcher overhead per tile; at::mm is the fallback when the
 // BLAS symbol is absent.  The elementwise loops are compiled for AVX-512, AVX2
 // and baseline x86-64 and picked at run time by CPU feature (target_clones).
@@ -49,19 +49,6 @@ namespace {
 using at::Tensor;
 constexpr int64_t kBlockQ = 64;   // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile
-
-// ------------------------------------------------------------------ problem geometry
-// Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand is
-// at base + n * batch + h * head + (token0(n) + i) * row; token0 = cu_seqlens[n]
-// in packed mode, 0 in padded mode.
-struct Layout {
-  int64_t batch, head, row;
-};
-
-Layout layout_of(const Tensor& t, bool packed) {
-  if (packed) return {0, t.stride(1), t.stride(0)};
-  return {t.stride(0), t.stride(1), t.stride(2)};
-}
 
 struct Geometry {
   int64_t nseq, heads_q, heads_k, head_dim;
@@ -93,24 +80,9 @@ struct Geometry {
     return std::min(kmax, std::max<int64_t>(last + 1, 0));
   }
   // The attended key range [kmin, kmax) of sequence n: outside it the mask hides every key.
-  void key_range(int64_t n, int64_t& kmin, int64_t& kmax) const {
-    kmin = 0;
-    kmax = len_k(n);
-    const bool* km = mask(n);
-    if (!km) return;
-    while (kmin < kmax && !km[kmin]) ++kmin;
-    while (kmax > kmin && !km[kmax - 1]) --kmax;
-  }
-  // The padding mask of keys [kb, kb + nk): nullptr when it hides none of them
-  // (no per-key test needed); `hidden` is set when it hides all of them (skip the block).
+  void key_range(int64_t n, int64_t& kmin, int64_t& kmax) const { mask_key_range(mask(n), len_k(n), kmin, kmax); }
   const bool* block_mask(int64_t n, int64_t kb, int64_t nk, bool& hidden) const {
-    const bool* km = mask(n);
-    hidden = false;
-    if (!km) return nullptr;
-    int64_t visible = 0;
-    for (int64_t j = kb; j < kb + nk; ++j) visible += km[j];
-    hidden = visible == 0;
-    return visible == nk ? nullptr : km + kb;
+    return mask_block(mask(n), kb, nk, hidden);
   }
 };
 
@@ -323,19 +295,6 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
 }
 
 // ------------------------------------------------------------------ torch glue
-// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 dtype.
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "fastlm attention (cpu): unsupported dtype ", t);
-  }
-}
-
-Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // Validates the operands and fills the geometry (shapes, masks, sequence table).
 Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& kpm,
                        const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k, int64_t max_q,
@@ -427,7 +386,7 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tenso
   const bool packed = cu_seqlens_q.has_value();
   Tensor out = at::empty_like(q_in);
   Tensor lse = lse_empty(q, g, packed);
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(q.scalar_type(), "fastlm attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     forward_kernel<scalar_t>(g, q.data_ptr<scalar_t>(), layout_of(q, packed), k.data_ptr<scalar_t>(), layout_of(k, packed),
                              v.data_ptr<scalar_t>(), layout_of(v, packed), out.data_ptr<scalar_t>(),
@@ -454,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   TORCH_CHECK(lse_in.sizes() == lse_empty(q, g, packed).sizes(), "fastlm attention backward: lse has the wrong shape");
   const Tensor lse = lse_in.contiguous();
   Tensor dq = at::empty_like(q_in), dk = at::empty_like(k_in), dv = at::empty_like(v_in);
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(q.scalar_type(), "fastlm attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     backward_kernel<scalar_t>(g, dout.data_ptr<scalar_t>(), layout_of(dout, packed), q.data_ptr<scalar_t>(),
                               layout_of(q, packed), k.data_ptr<scalar_t>(), layout_of(k, packed),

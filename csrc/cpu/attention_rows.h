@@ -1,7 +1,9 @@
-// The CPU attention kernel's tile primitives (csrc/cpu/attention.cpp): fp32 matrix
-// products on row-major tiles through the BLAS linked into libtorch, and the elementwise
-// row loops (online softmax, probabilities, dS, dropout, conversions), compiled for
-// AVX-512, AVX2 and baseline x86-64 and picked at run time by CPU feature.
+// The tile primitives of the blocked (flash-style) CPU attention kernels, shared by
+// csrc/cpu/attention.cpp and csrc/cpu/disentangled_attention.cpp: fp32 matrix products on
+// row-major tiles through the BLAS linked into libtorch, the elementwise row loops (online
+// softmax, probabilities, dS, dropout, conversions; compiled for AVX-512, AVX2 and baseline
+// x86-64 and picked at run time by CPU feature), operand layouts, padding-mask ranges and
+// dtype dispatch.  Everything is in an anonymous namespace: each kernel file gets its own copy.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +30,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
+using at::Tensor;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------ matrix products
@@ -171,5 +174,54 @@ template <typename T>
 void store_row(const float* src, int64_t n, float a, T* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(a * src[j]);
 }
+
+// ------------------------------------------------------------------ problem geometry
+// Element (sequence n, head h, row i) of a (.., heads, rows, head_dim) operand is
+// at base + n * batch + h * head + (token0(n) + i) * row; token0 = cu_seqlens[n]
+// in packed mode, 0 in padded mode.
+struct Layout {
+  int64_t batch, head, row;
+};
+
+Layout layout_of(const Tensor& t, bool packed) {
+  if (packed) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// ------------------------------------------------------------------ padding masks
+// The attended key range [kmin, kmax) of a key mask row of `len` keys (km may be null:
+// no mask): outside it the mask hides every key.
+inline void mask_key_range(const bool* km, int64_t len, int64_t& kmin, int64_t& kmax) {
+  kmin = 0;
+  kmax = len;
+  if (!km) return;
+  while (kmin < kmax && !km[kmin]) ++kmin;
+  while (kmax > kmin && !km[kmax - 1]) --kmax;
+}
+
+// The padding mask of keys [kb, kb + nk): nullptr when it hides none of them (no
+// per-key test needed); `hidden` is set when it hides all of them (skip the block).
+inline const bool* mask_block(const bool* km, int64_t kb, int64_t nk, bool& hidden) {
+  hidden = false;
+  if (!km) return nullptr;
+  int64_t visible = 0;
+  for (int64_t j = kb; j < kb + nk; ++j) visible += km[j];
+  hidden = visible == 0;
+  return visible == nk ? nullptr : km + kb;
+}
+
+// ------------------------------------------------------------------ torch glue
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, op, " (cpu): unsupported dtype ", t);
+  }
+}
+
+inline Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 }  // namespace

@@ -10,8 +10,10 @@ Triton (those load on the first call that needs them).
 # the function once the submodule has been imported.
 from fastlm.ops.attention import attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.disentangled_attention import disentangled_attention, varlen_disentangled_attention
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.softmax import softmax
 
-__all__ = ["attention", "varlen_attention", "softmax", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["attention", "varlen_attention", "softmax", "cross_entropy", "linear_cross_entropy",
+           "disentangled_attention", "varlen_disentangled_attention"]
 

@@ -19,6 +19,8 @@ Mechanisms (each its own module), chosen per family by the table in
   cross-entropy over shifted labels honouring ``num_items_in_batch``, ``logits=None``;
 * :mod:`~fastlm.patching.tiers`: never slower: per device/dtype, a feature whose best fastlm
   backend is the reference goes back to transformers' own path.
+* :mod:`~fastlm.patching.deberta`: DeBERTa-v2/v3, whose attention is outside the interface:
+  fused disentangled attention on unpadded tokens (a family ``patcher``).
 
 Everything is bound on the model INSTANCE (:mod:`~fastlm.patching.binding`; originals kept
 on the instance, so copies and pickles of a patched model stay patched and independent):
@@ -31,6 +33,7 @@ imported at the first ``patch`` call, never by ``import fastlm``.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 import weakref
 
@@ -95,11 +98,14 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
                       stacklevel=2)
         return report
 
-    if attention:
-        _patch_attention(target, backend, report)
+    if family.patcher:  # attention outside transformers' interface: the family's own module
+        importlib.import_module(family.patcher).patch(target, backend, report, attention=attention, unpad=unpad)
     else:
-        report.add("attention", NOT_APPLICABLE, "attention=False")
-    _patch_unpad(target, family, unpad, attention, report)
+        if attention:
+            _patch_attention(target, backend, report)
+        else:
+            report.add("attention", NOT_APPLICABLE, "attention=False")
+        _patch_unpad(target, family, unpad, attention, report)
     _patch_head(target, family, cross_entropy, report)
     binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation, tiers)
     if backend == "auto" and report.patched:

@@ -12,7 +12,10 @@ with an untouched head) by the model class name.  Adding a family is adding a ro
   sliding-window (local) layers live in the base model's forward;
 * ``masked_lm``: how to run the MLM head on selected rows (transform, decoder, and
   whether the family's loss honours the Trainer's ``num_items_in_batch``);
-* ``causal_lm``: the ``lm_head`` of a ``*ForCausalLM`` / ``*LMHeadModel`` (plain linear).
+* ``causal_lm``: the ``lm_head`` of a ``*ForCausalLM`` / ``*LMHeadModel`` (plain linear);
+* ``patcher``: a module whose ``patch(target, backend, report, attention=, unpad=)`` replaces
+  the attention-interface and unpadding mechanisms for a family whose attention does not go
+  through transformers' interface (DeBERTa-v2/v3: :mod:`fastlm.patching.deberta`).
 
 Families not listed (or listed features a model lacks) are left as they were, with one
 warning naming them.
@@ -20,6 +23,7 @@ warning naming them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch.nn.functional as F
@@ -47,6 +51,7 @@ class Family:
     masked_lm: MaskedLMHead | None = None
     causal_lm: CausalLMHead | None = None
     packed_body: bool = False
+    patcher: str | None = None
 
 
 def _roberta_transform(m, h):
@@ -60,6 +65,20 @@ def _albert_transform(m, h):
 
 
 _ROBERTA_MLM = MaskedLMHead("roberta", _roberta_transform, lambda m: m.lm_head.decoder)
+
+
+def _deberta_transform(m, h):
+    if m.legacy:
+        return m.cls.predictions.transform(h)
+    head = m.lm_predictions.lm_head
+    return head.LayerNorm(head.transform_act_fn(head.dense(h)))
+
+
+def _deberta_decoder(m):
+    if m.legacy:
+        return m.cls.predictions.decoder
+    # the non-legacy head multiplies by the word embeddings and adds its own bias
+    return SimpleNamespace(weight=m.deberta.embeddings.word_embeddings.weight, bias=m.lm_predictions.lm_head.bias)
 
 FAMILIES = (
     Family("BERT", ("bert",), "encoder",
@@ -76,6 +95,8 @@ FAMILIES = (
            MaskedLMHead("albert", _albert_transform, lambda m: m.predictions.decoder)),
     Family("ModernBERT", ("modernbert",), packed_body=True,
            masked_lm=MaskedLMHead("model", lambda m, h: m.head(h), lambda m: m.decoder, num_items=True)),
+    Family("DeBERTa-v2", ("deberta-v2",), masked_lm=MaskedLMHead("deberta", _deberta_transform, _deberta_decoder),
+           patcher="fastlm.patching.deberta"),
     Family("Llama", ("llama",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Mistral", ("mistral",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
     Family("Qwen2", ("qwen2",), causal_lm=CausalLMHead("model", lambda m: m.lm_head)),
