@@ -36,6 +36,15 @@
 //   backward regenerates the forward's mask.
 // * bf16/fp16 operands are converted to fp32 once per item (positional tables once per
 //   call; fp32 tables are read in place, any head / row strides); all accumulation is fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/dropout.h"
 #include "attention_rows.h"
 
 #include <mutex>
@@ -426,7 +435,7 @@ Geometry make_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const 
     TORCH_CHECK(*lo >= 0 && *hi < g.num_slots, op, ": rel_slots must index rows of pos_key / pos_query");
   }
   g.scale = static_cast<float>(scale);
-  g.drop_threshold = dropout_p > 0.0 ? fastlm_attn_dropout_threshold(dropout_p) : 0u;
+  g.drop_threshold = dropout_p > 0.0 ? fastlm_dropout_threshold(dropout_p) : 0u;
   g.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   g.seed = static_cast<uint64_t>(seed);
   return g;
