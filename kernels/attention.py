@@ -105,15 +105,18 @@ def shared_bytes(kernel: str, config: triton.Config, meta: dict, element_size: i
     return row * (stages * streamed + resident) + (2 if kernel == "dkdv" else 1) * score + 4096
 
 
-def _pruner(kernel: str, acc_rows: str, max_acc_regs: int) -> dict:
+def _pruner(kernel: str, acc_rows: str, max_acc_regs: int, fp32_tiles: int = 0) -> dict:
     """Config pruning for one kernel (see kernels/_common.py): configs must fit the device's
-    shared memory; preferred are those with at most ``max_acc_regs`` fp32 registers per
-    thread for each ``acc_rows x BLOCK_D`` accumulator.  The register limits come from
+    shared memory (:func:`shared_bytes`, plus ``fp32_tiles`` fp32 BLOCK_M x BLOCK_N tiles that
+    a kernel built on these adds: the disentangled kernels' gathered and scattered tiles change
+    layout through shared memory); preferred are those with at most ``max_acc_regs`` fp32
+    registers per thread for each ``acc_rows x BLOCK_D`` accumulator.  The register limits come from
     ptxas register / spill reports of sm_90 builds (64 for the forward, whose only other
     resident tile is Q; 32 for the backward kernels, which keep two more input tiles
     resident; halved with dropout, whose Philox rounds need registers of their own)."""
     def size(config, named_args, meta):
-        return shared_bytes(kernel, config, meta, named_args["Q"].element_size())
+        tiles = fp32_tiles * config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * 4
+        return shared_bytes(kernel, config, meta, named_args["Q"].element_size()) + tiles
 
     def within_registers(config, named_args, meta):
         limit = max_acc_regs // 2 if meta["DROPOUT"] else max_acc_regs

@@ -73,7 +73,8 @@ def _product_rows(P, off_b, off_h, start, stride_pb, stride_ph, num_slots):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.autotune(configs=configs("fwd", triton_interpreted()), key=_KEY, prune_configs_by=_pruner("fwd", "BLOCK_M", 64))
+@triton.autotune(configs=configs("fwd", triton_interpreted()), key=_KEY,
+                 prune_configs_by=_pruner("fwd", "BLOCK_M", 64, 2))
 @triton.jit(do_not_specialize=["seed"])
 def _dis_fwd(
     Q, K, V, O, LSE, KPM, CU, C2P, P2C, SLOTS,
@@ -139,7 +140,7 @@ def _dis_fwd(
 # Two launches as fastlm.kernels.attention (dQ with delta per query block, then dK/dV per
 # key block), each scattering its dS tiles into one of the positional gradients: the dQ
 # programs into dC2P (rows = queries), the dK/dV programs into dP2C (rows = keys).
-@triton.autotune(configs=configs("dq", triton_interpreted()), key=_KEY, prune_configs_by=_pruner("dq", "BLOCK_M", 32),
+@triton.autotune(configs=configs("dq", triton_interpreted()), key=_KEY, prune_configs_by=_pruner("dq", "BLOCK_M", 32, 2),
                  reset_to_zero=["DC2P"])
 @triton.jit(do_not_specialize=["seed"])
 def _dis_bwd_dq(
@@ -211,7 +212,7 @@ def _dis_bwd_dq(
 
 
 @triton.autotune(configs=configs("dkdv", triton_interpreted()), key=_KEY,
-                 prune_configs_by=_pruner("dkdv", "BLOCK_N", 32), reset_to_zero=["DP2C"])
+                 prune_configs_by=_pruner("dkdv", "BLOCK_N", 32, 2), reset_to_zero=["DP2C"])
 @triton.jit(do_not_specialize=["seed"])
 def _dis_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU, C2P, P2C, SLOTS, DP2C,
