@@ -263,9 +263,11 @@ def _attn_bwd_dq(
             kj = start_n + offs_n
             k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
             v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-            p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
-                                     lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
-                                     qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
+            p, dp, _ = probs_and_dp(
+                masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
+                              qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+                do, tl.trans(v), lse[:, None], lse_row[:, None], k_start + kj[None, :], dropout_p, seed, DROPOUT,
+                DOT_PRECISION)
             delta += tl.sum(p * dp, 1)
     tl.store(DELTA + lse_row, delta, mask=row_ok)
 
@@ -274,9 +276,11 @@ def _attn_bwd_dq(
         kj = start_n + offs_n
         k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
         v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-        p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
-                                 lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
-                                 qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
+        p, dp, _ = probs_and_dp(
+            masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
+                          qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+            do, tl.trans(v), lse[:, None], lse_row[:, None], k_start + kj[None, :], dropout_p, seed, DROPOUT,
+            DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += mma(lowp(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
@@ -343,10 +347,11 @@ def _attn_bwd_dkdv(
             lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
             lse = row_stats(LSE, lse_row, row_ok)
             delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
-            pt, dpt, pzt = probs_and_dp(k, tl.trans(q), v, tl.trans(do), offs_m[None, :], offs_n[:, None],
-                                         lse[None, :], lse_row[None, :], k_start + offs_n[:, None], len_q, len_k,
-                                         kpm, stride_mn, window, qk_scale, dropout_p, seed, HAS_MASK, CAUSAL,
-                                         HAS_WINDOW, DROPOUT, DOT_PRECISION)
+            pt, dpt, pzt = probs_and_dp(
+                masked_scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn,
+                              window, qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+                v, tl.trans(do), lse[None, :], lse_row[None, :], k_start + offs_n[:, None], dropout_p, seed,
+                DROPOUT, DOT_PRECISION)
             dv += mma(lowp(pzt, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])  # dS = P * (dP - delta)
             dk += mma(lowp(dst, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
