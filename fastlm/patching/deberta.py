@@ -27,7 +27,8 @@ weights):
 Padded runs give a padding QUERY transformers' value: its mask is ``mask_i * mask_j``, so such
 a row's scores are all ``finfo.min``, its softmax uniform and its output the mean of ``v``
 over every position (gradient to ``v`` only; the fused op alone would attend to the real
-keys).  Per-layer outputs are then transformers' at every position.
+keys; under dropout that mean is transformers' dropped-out row in expectation).  Per-layer
+outputs are then transformers' at every position.
 
 transformers' own path, with one warning per reason, serves what the fused path does not:
 ``output_attentions``, a 3D/4D mask, ``query_states`` / ``relative_pos`` given, and LEFT
