@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,7 +135,9 @@ def _stamped(build_ext_class):
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastlm", "fastlm.ops", "fastlm.reference", "fastlm.patching", "fastlm.finetune", "fastlm.kernels"],
+    # every package under fastlm/ (the dev loop's fastlm/kernels link excluded), and kernels/ as fastlm.kernels
+    packages=find_packages(include=["fastlm", "fastlm.*"], exclude=["fastlm.kernels", "fastlm.kernels.*"])
+    + ["fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

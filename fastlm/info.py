@@ -71,7 +71,7 @@ def _row(impl, every: frozenset) -> dict:
         **_limits_data(impl, every),
         "kernels": {k.name: _limits_data(k, every) for k in impl.kernels},
         "status": impl.status,
-        "auto": impl.auto_exclusion() is None,  # select()'s rule, on a device this backend runs on
+        "auto": impl.untrusted_reason() is None,  # select()'s rule, on a device this backend runs on
     }
 
 
@@ -111,7 +111,7 @@ def info(as_json: bool = False) -> str:
             lines.append(f"    {name:<10} {'auto' if r['auto'] else 'explicit only':<14} {r['status']:<{width}} "
                          f"{_limits(r)}")
             for kernel, k in r["kernels"].items():  # a backend with several kernels: each one's limits
-                lines.append(f"    {'':<25} {'- ' + kernel:>{width}} {_limits(k)}")
+                lines.append(f"    {'':<25} {'- ' + kernel:<{width}} {_limits(k)}")
     for op, c in data["composites"].items():
         lines.append(f"  {op}: via {c['via']} ({c['how']}): every {c['via']} backend above")
     return "\n".join(lines)

@@ -301,7 +301,11 @@ class Implementation:
             return why
         if device is not None and device in backend.interpreted_device_types and device not in backend.device_types:
             return "the Triton interpreter is for tests only: never auto-selected"
-        if backend.trusted is None and self.verified is None:
+        return self.untrusted_reason()
+
+    def untrusted_reason(self) -> str | None:
+        """Why ``auto`` never takes this row on any device (kernels that never ran on a GPU), or None."""
+        if BACKENDS[self.backend].trusted is None and self.verified is None:
             return UNVERIFIED
         return None
 

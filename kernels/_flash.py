@@ -122,16 +122,14 @@ def masked_scores(a, b, qi, kj, len_q, len_k, kpm, stride_mn, window, qk_scale, 
 
 
 @triton.jit
-def probs_and_dp(a, b, c, d, qi, kj, lse, row, key, len_q, len_k, kpm, stride_mn, window, qk_scale,
-                  dropout_p, seed, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The backward's tiles, as oriented as :func:`masked_scores`: P = exp2(s - lse) (the
-    forward's normalised probabilities, fp32), dP = Z * (c @ d) (``c @ d`` = dO V^T; Z =
-    keep / (1 - p) the forward's dropout factor, 1 without dropout) and P * Z (what
-    multiplied V in the forward).  ``lse`` (log2 domain, +inf for rows that see nothing),
-    ``row`` and ``key`` (the dropout counters) broadcast to the tile."""
-    p = tl.exp2(masked_scores(a, b, qi, kj, len_q, len_k, kpm, stride_mn, window, qk_scale, HAS_MASK, CAUSAL,
-                               HAS_WINDOW, DOT_PRECISION) - lse)
+def probs_and_dp(s, c, d, lse, row, key, dropout_p, seed, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The backward's tiles from a masked score tile ``s`` (log2 domain, -inf where not
+    visible; :func:`masked_scores`, oriented queries x keys or keys x queries): P =
+    exp2(s - lse) (the forward's normalised probabilities, fp32), dP = Z * (c @ d) (``c @ d``
+    = dO V^T, oriented like ``s``; Z = keep / (1 - p) the forward's dropout factor, 1 without
+    dropout) and P * Z (what multiplied V in the forward).  ``lse`` (log2 domain, +inf for
+    rows that see nothing), ``row`` and ``key`` (the dropout counters) broadcast to the tile."""
+    p = tl.exp2(s - lse)
     dp = mma(c, d, DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, row, key, dropout_p)

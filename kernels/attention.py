@@ -105,15 +105,18 @@ def shared_bytes(kernel: str, config: triton.Config, meta: dict, element_size: i
     return row * (stages * streamed + resident) + (2 if kernel == "dkdv" else 1) * score + 4096
 
 
-def _pruner(kernel: str, acc_rows: str, max_acc_regs: int) -> dict:
+def _pruner(kernel: str, acc_rows: str, max_acc_regs: int, fp32_tiles: int = 0) -> dict:
     """Config pruning for one kernel (see kernels/_common.py): configs must fit the device's
-    shared memory; preferred are those with at most ``max_acc_regs`` fp32 registers per
-    thread for each ``acc_rows x BLOCK_D`` accumulator.  The register limits come from
+    shared memory (:func:`shared_bytes`, plus ``fp32_tiles`` fp32 BLOCK_M x BLOCK_N tiles that
+    a kernel built on these adds: the disentangled kernels' gathered and scattered tiles change
+    layout through shared memory); preferred are those with at most ``max_acc_regs`` fp32
+    registers per thread for each ``acc_rows x BLOCK_D`` accumulator.  The register limits come from
     ptxas register / spill reports of sm_90 builds (64 for the forward, whose only other
     resident tile is Q; 32 for the backward kernels, which keep two more input tiles
     resident; halved with dropout, whose Philox rounds need registers of their own)."""
     def size(config, named_args, meta):
-        return shared_bytes(kernel, config, meta, named_args["Q"].element_size())
+        tiles = fp32_tiles * config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * 4
+        return shared_bytes(kernel, config, meta, named_args["Q"].element_size()) + tiles
 
     def within_registers(config, named_args, meta):
         limit = max_acc_regs // 2 if meta["DROPOUT"] else max_acc_regs
@@ -263,9 +266,11 @@ def _attn_bwd_dq(
             kj = start_n + offs_n
             k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
             v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-            p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
-                                     lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
-                                     qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
+            p, dp, _ = probs_and_dp(
+                masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
+                              qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+                do, tl.trans(v), lse[:, None], lse_row[:, None], k_start + kj[None, :], dropout_p, seed, DROPOUT,
+                DOT_PRECISION)
             delta += tl.sum(p * dp, 1)
     tl.store(DELTA + lse_row, delta, mask=row_ok)
 
@@ -274,9 +279,11 @@ def _attn_bwd_dq(
         kj = start_n + offs_n
         k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
         v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-        p, dp, _ = probs_and_dp(q, tl.trans(k), do, tl.trans(v), offs_m[:, None], kj[None, :], lse[:, None],
-                                 lse_row[:, None], k_start + kj[None, :], len_q, len_k, kpm, stride_mn, window,
-                                 qk_scale, dropout_p, seed, HAS_MASK, CAUSAL, HAS_WINDOW, DROPOUT, DOT_PRECISION)
+        p, dp, _ = probs_and_dp(
+            masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
+                          qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+            do, tl.trans(v), lse[:, None], lse_row[:, None], k_start + kj[None, :], dropout_p, seed, DROPOUT,
+            DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += mma(lowp(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
@@ -343,10 +350,11 @@ def _attn_bwd_dkdv(
             lse_row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
             lse = row_stats(LSE, lse_row, row_ok)
             delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
-            pt, dpt, pzt = probs_and_dp(k, tl.trans(q), v, tl.trans(do), offs_m[None, :], offs_n[:, None],
-                                         lse[None, :], lse_row[None, :], k_start + offs_n[:, None], len_q, len_k,
-                                         kpm, stride_mn, window, qk_scale, dropout_p, seed, HAS_MASK, CAUSAL,
-                                         HAS_WINDOW, DROPOUT, DOT_PRECISION)
+            pt, dpt, pzt = probs_and_dp(
+                masked_scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], len_q, len_k, kpm, stride_mn,
+                              window, qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION),
+                v, tl.trans(do), lse[None, :], lse_row[None, :], k_start + offs_n[:, None], dropout_p, seed,
+                DROPOUT, DOT_PRECISION)
             dv += mma(lowp(pzt, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])  # dS = P * (dP - delta)
             dk += mma(lowp(dst, q.dtype, DOT_PRECISION), q, DOT_PRECISION)

@@ -20,6 +20,12 @@ bucket beyond ``position_buckets / 2``, so the scatter has collisions), and the 
 them back with four matmuls: ``dQ += scale dC2P pos_key``, ``dK += scale dP2C pos_query``,
 ``dpos_key = scale sum dC2P^T Q``, ``dpos_query = scale sum dP2C^T K``.
 
+Backward: as :mod:`fastlm.kernels.attention`, two launches.  The dQ program first computes
+delta_i = sum_j P_ij dP_ij from fp32 tiles (rowsum(dO O) only for fp32 inputs: a 16-bit O's
+rounding would dominate dS = P (dP - delta) for peaked rows) and stores it; the dK/dV
+program reads it.  dQ and dK are accumulated and written in fp32, so the launcher adds the
+positional parts before the one rounding.
+
 Dropout: the keep bits of :mod:`fastlm.kernels.attention` (Philox keyed by the seed, counters
 (key index, lse row)), regenerated in the backward.  A query row that sees no key: out 0,
 lse -inf, zero gradients.
@@ -32,27 +38,32 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.attention import (_FWD, _LN2, LOG2E, _attn_bwd_delta, _bhm, _bucket, _configs, _delta_block_m,
-                                      _dropout_keep, _key_range, _Layout, _load_row_stats, _mma, _pruner,
-                                      _query_block, _seq_bounds, _visible)
 from fastlm.ops._common import last_dim_contiguous
+from fastlm.registry import triton_interpreted
 
+from ._flash import LOG2E, dropout_keep, key_range, load_rows, lowp, masked_scores, mma, probs_and_dp, program, row_stats
+from .attention import _LN2, _Layout, _bhm, _bucket, _pruner, configs
+
+# The autotune key: attention's, less causal masks and windows, plus which tables exist.
 _KEY = ["Q_BUCKET", "BLOCK_D", "HAS_MASK", "DROPOUT", "IS_VARLEN", "HAS_C2P", "HAS_P2C"]
-_BWD = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], (16, 16))
 
 
-# ---------------------------------------------------------------------- positional terms
+# ------------------------------------------------------------------------- score tiles
 @triton.jit
-def _positional(s, qi, kj, len_q, SLOTS, center, c2p_base, p2c_base, num_slots,
-                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr):
-    """``s + C2P[i, t] + P2C[j, t]`` on a tile (``qi``/``kj`` broadcast to it), t = slot(i - j)."""
-    ok = (qi < len_q) & (kj < len_q)
+def _scores(a, b, qi, kj, length, kpm, stride_mn, SLOTS, center, c2p_base, p2c_base, num_slots, qk_scale,
+            HAS_MASK: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The score tile ``qk_scale * (a @ b + C2P[i, t] + P2C[j, t])`` (log2 domain), -inf where
+    query ``qi`` does not see key ``kj``, oriented as :func:`masked_scores` (queries x keys, or
+    keys x queries with ``a`` = K); also the slot ``t = slot(i - j)`` of every pair and where
+    the pair is visible (the scatter mask of the backward)."""
+    s = masked_scores(a, b, qi, kj, length, length, kpm, stride_mn, 0, qk_scale, HAS_MASK, 0, False, DOT_PRECISION)
+    ok = (qi < length) & (kj < length)
     t = tl.load(SLOTS + center + qi - kj, mask=ok, other=0).to(tl.int64)
     if HAS_C2P:
-        s += tl.load(c2p_base + qi * num_slots + t, mask=ok, other=0.0).to(tl.float32)
+        s += tl.load(c2p_base + qi * num_slots + t, mask=ok, other=0.0).to(tl.float32) * qk_scale
     if HAS_P2C:
-        s += tl.load(p2c_base + kj * num_slots + t, mask=ok, other=0.0).to(tl.float32)
-    return s, t, ok
+        s += tl.load(p2c_base + kj * num_slots + t, mask=ok, other=0.0).to(tl.float32) * qk_scale
+    return s, t, ok & (s != float("-inf"))
 
 
 @triton.jit
@@ -62,28 +73,32 @@ def _product_rows(P, off_b, off_h, start, stride_pb, stride_ph, num_slots):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_pruner("BLOCK_M", 64))
+@triton.autotune(configs=configs("fwd", triton_interpreted()), key=_KEY,
+                 prune_configs_by=_pruner("fwd", "BLOCK_M", 64, 2))
 @triton.jit(do_not_specialize=["seed"])
 def _dis_fwd(
     Q, K, V, O, LSE, KPM, CU, C2P, P2C, SLOTS,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_mb, stride_mn, stride_pb, stride_ph,
-    seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
+    seqlen, max_seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (sequence, head); K, V and the gathered
     # positional terms are read once per query block.
-    start_m, off_b, off_h, _hk, start, length, _k0, _lk, offs_m, offs_d, row_ok, d_ok, lse_row = \
-        _query_block(CU, CU, seqlen, seqlen, num_heads, 1, stride_lb, stride_lh, HEAD_DIM, BLOCK_D, IS_VARLEN,
-                     BLOCK_M)
+    start_m, off_b, off_h, start, length, _k_start, _len_k = program(
+        CU, CU, seqlen, seqlen, max_seqlen, num_heads, IS_VARLEN, BLOCK_M)
     if start_m * BLOCK_M >= length:
         return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (start + offs_m)[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < length
+    d_ok = offs_d < HEAD_DIM
+    lse_row = off_b * stride_lb + off_h * stride_lh + start + offs_m  # also the dropout row id
+    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, start + offs_m, stride_qm, offs_d, row_ok, d_ok)
     k_base = K + off_b * stride_kb + off_h * stride_kh + start * stride_kn
     v_base = V + off_b * stride_vb + off_h * stride_vh + start * stride_vn
     c2p_base = _product_rows(C2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
@@ -91,47 +106,113 @@ def _dis_fwd(
     kpm = KPM + off_b * stride_mb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(kpm, stride_mn, start_m, length, length, 0, HAS_MASK, 0, False, BLOCK_M, BLOCK_N)
+    lo, hi = key_range(kpm, stride_mn, start_m, length, length, 0, HAS_MASK, 0, False, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         kj = start_n + offs_n
-        kv_ok = kj < length
-        kt = tl.load(k_base + kj[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        s, _slot, _pair_ok = _positional(_mma(q, kt, DOT_PRECISION), offs_m[:, None], kj[None, :], length, SLOTS,
-                                         center, c2p_base, p2c_base, num_slots, HAS_C2P, HAS_P2C)
-        s = s * qk_scale
-        vis = _visible(offs_m[:, None], kj[None, :], length, length, kpm, stride_mn, 0, HAS_MASK, 0, False)
-        s = tl.where(vis, s, float("-inf"))
+        k = load_rows(k_base, kj, stride_kn, offs_d, kj < length, d_ok)
+        s, _t, _vis = _scores(q, tl.trans(k), offs_m[:, None], kj[None, :], length, kpm, stride_mn, SLOTS, center,
+                              c2p_base, p2c_base, num_slots, qk_scale, HAS_MASK, HAS_C2P, HAS_P2C, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2 of -inf, not NaN
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, lse_row[:, None], start + kj[None, :], dropout_p), p, 0.0)
-        v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
+        if DROPOUT:  # the normaliser counts every key; only the product with V is dropped
+            p = tl.where(dropout_keep(seed, lse_row[:, None], start + kj[None, :], dropout_p), p, 0.0)
+        v = load_rows(v_base, kj, stride_vn, offs_d, kj < length, d_ok)
+        acc = acc * alpha[:, None] + mma(lowp(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
         m_i = m_new
 
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # no visible key: out = 0 (acc is 0), lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = 1.0 / l_safe
     if DROPOUT:
         out_scale = out_scale / (1.0 - dropout_p)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + (start + offs_m)[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, (acc * out_scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, lowp(acc * out_scale[:, None], O.dtype.element_ty, DOT_PRECISION),
+             mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + lse_row, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------- backward
-# Three launches as fastlm.kernels.attention (delta; dK/dV per key block; dQ per query
-# block), each scattering its dS tiles into one of the positional gradients: the dK/dV
-# programs into dP2C (rows = keys), the dQ programs into dC2P (rows = queries).  dQ and dK
-# are written in fp32 so the launcher adds the positional parts before the one rounding.
-@triton.autotune(configs=_BWD, key=_KEY, prune_configs_by=_pruner("BLOCK_N", 32), reset_to_zero=["DP2C"])
+# Two launches as fastlm.kernels.attention (dQ with delta per query block, then dK/dV per
+# key block), each scattering its dS tiles into one of the positional gradients: the dQ
+# programs into dC2P (rows = queries), the dK/dV programs into dP2C (rows = keys).
+@triton.autotune(configs=configs("dq", triton_interpreted()), key=_KEY, prune_configs_by=_pruner("dq", "BLOCK_M", 32, 2),
+                 reset_to_zero=["DC2P"])
+@triton.jit(do_not_specialize=["seed"])
+def _dis_bwd_dq(
+    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU, C2P, P2C, SLOTS, DC2P,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_mb, stride_mn, stride_pb, stride_ph,
+    seqlen, max_seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m, off_b, off_h, start, length, _k_start, _len_k = program(
+        CU, CU, seqlen, seqlen, max_seqlen, num_heads, IS_VARLEN, BLOCK_M)
+    if start_m * BLOCK_M >= length:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < length
+    d_ok = offs_d < HEAD_DIM
+    rows = start + offs_m
+    lse_row = off_b * stride_lb + off_h * stride_lh + rows
+    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qm, offs_d, row_ok, d_ok)
+    do = load_rows(DO + off_b * stride_db + off_h * stride_dh, rows, stride_dm, offs_d, row_ok, d_ok)
+    lse = row_stats(LSE, lse_row, row_ok)
+    k_base = K + off_b * stride_kb + off_h * stride_kh + start * stride_kn
+    v_base = V + off_b * stride_vb + off_h * stride_vh + start * stride_vn
+    c2p_base = _product_rows(C2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
+    p2c_base = _product_rows(P2C, off_b, off_h, start, stride_pb, stride_ph, num_slots)
+    dc2p_base = _product_rows(DC2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
+    kpm = KPM + off_b * stride_mb
+    lo, hi = key_range(kpm, stride_mn, start_m, length, length, 0, HAS_MASK, 0, False, BLOCK_M, BLOCK_N)
+
+    if DOT_PRECISION == "tf32x3":  # fp32 inputs: rowsum(dO O) is exact enough
+        o = load_rows(O + off_b * stride_ob + off_h * stride_oh, rows, stride_om, offs_d, row_ok, d_ok)
+        delta = tl.sum(o * do, 1)
+    else:  # 16-bit: from the fp32 tiles (see the module docstring)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            kj = start_n + offs_n
+            k = load_rows(k_base, kj, stride_kn, offs_d, kj < length, d_ok)
+            v = load_rows(v_base, kj, stride_vn, offs_d, kj < length, d_ok)
+            s, _t, _vis = _scores(q, tl.trans(k), offs_m[:, None], kj[None, :], length, kpm, stride_mn, SLOTS,
+                                  center, c2p_base, p2c_base, num_slots, qk_scale, HAS_MASK, HAS_C2P, HAS_P2C,
+                                  DOT_PRECISION)
+            p, dp, _ = probs_and_dp(s, do, tl.trans(v), lse[:, None], lse_row[:, None], start + kj[None, :],
+                                    dropout_p, seed, DROPOUT, DOT_PRECISION)
+            delta += tl.sum(p * dp, 1)
+    tl.store(DELTA + lse_row, delta, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        kj = start_n + offs_n
+        k = load_rows(k_base, kj, stride_kn, offs_d, kj < length, d_ok)
+        v = load_rows(v_base, kj, stride_vn, offs_d, kj < length, d_ok)
+        s, t, vis = _scores(q, tl.trans(k), offs_m[:, None], kj[None, :], length, kpm, stride_mn, SLOTS, center,
+                            c2p_base, p2c_base, num_slots, qk_scale, HAS_MASK, HAS_C2P, HAS_P2C, DOT_PRECISION)
+        p, dp, _ = probs_and_dp(s, do, tl.trans(v), lse[:, None], lse_row[:, None], start + kj[None, :], dropout_p,
+                                seed, DROPOUT, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])  # w.r.t. the scaled scores
+        dq += mma(lowp(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
+        if HAS_C2P:  # dC2P[i, t] += dS_ij (collisions: several keys share a log bucket)
+            tl.atomic_add(dc2p_base + offs_m[:, None] * num_slots + t, ds, mask=vis)
+
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=configs("dkdv", triton_interpreted()), key=_KEY,
+                 prune_configs_by=_pruner("dkdv", "BLOCK_N", 32, 2), reset_to_zero=["DP2C"])
 @triton.jit(do_not_specialize=["seed"])
 def _dis_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU, C2P, P2C, SLOTS, DP2C,
@@ -139,28 +220,23 @@ def _dis_bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_mb, stride_mn, stride_pb, stride_ph,
-    seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
+    seqlen, max_seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tiles are computed transposed (keys x queries).
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
-    start, length = _seq_bounds(CU, off_b, seqlen, IS_VARLEN)
+    start_n, off_b, off_h, start, length, _k_start, _len_k = program(
+        CU, CU, seqlen, seqlen, max_seqlen, num_heads, IS_VARLEN, BLOCK_N)
     if start_n * BLOCK_N >= length:
         return
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < length
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n < length)[:, None] & d_ok[None, :]
-    rows_k = (start + offs_n)[:, None]
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_k * stride_kn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_k * stride_vn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    rows_k = start + offs_n
+    k = load_rows(K + off_b * stride_kb + off_h * stride_kh, rows_k, stride_kn, offs_d, key_ok, d_ok)
+    v = load_rows(V + off_b * stride_vb + off_h * stride_vh, rows_k, stride_vn, offs_d, key_ok, d_ok)
     kpm = KPM + off_b * stride_mb
     c2p_base = _product_rows(C2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
     p2c_base = _product_rows(P2C, off_b, off_h, start, stride_pb, stride_ph, num_slots)
@@ -169,95 +245,33 @@ def _dis_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_end = length
     if HAS_MASK:  # a key block that is all padding: zero gradients, skip the loop
-        pad = tl.load(kpm + offs_n * stride_mn, mask=offs_n < length, other=0)
+        pad = tl.load(kpm + offs_n * stride_mn, mask=key_ok, other=0)
         q_end = tl.where(tl.max(pad.to(tl.int32), 0) > 0, q_end, 0)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + start * stride_qm
-    do_base = DO + off_b * stride_db + off_h * stride_dh + start * stride_dm
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_db + off_h * stride_dh
     for start_m in range(0, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < length
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask, other=0.0)
+        q = load_rows(q_base, start + offs_m, stride_qm, offs_d, row_ok, d_ok)
+        do = load_rows(do_base, start + offs_m, stride_dm, offs_d, row_ok, d_ok)
         lse_row = off_b * stride_lb + off_h * stride_lh + start + offs_m
-        lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
-        st, t, ok = _positional(_mma(k, tl.trans(q), DOT_PRECISION), offs_m[None, :], offs_n[:, None], length, SLOTS,
-                                center, c2p_base, p2c_base, num_slots, HAS_C2P, HAS_P2C)
-        st = st * qk_scale
-        vis = _visible(offs_m[None, :], offs_n[:, None], length, length, kpm, stride_mn, 0, HAS_MASK, 0, False)
-        pt = tl.exp2(tl.where(vis, st, float("-inf")) - lse[None, :])  # P^T, normalised by the forward's lse
-        dpt = _mma(v, tl.trans(do), DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, lse_row[None, :], start + offs_n[:, None], dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            dv += _mma(tl.where(keep, pt * inv_keep, 0.0).to(do.dtype), do, DOT_PRECISION)
-            dpt = tl.where(keep, dpt * inv_keep, 0.0)
-        else:
-            dv += _mma(pt.to(do.dtype), do, DOT_PRECISION)
+        lse = row_stats(LSE, lse_row, row_ok)
+        delta = tl.load(DELTA + lse_row, mask=row_ok, other=0.0)
+        st, t, vis = _scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], length, kpm, stride_mn, SLOTS, center,
+                             c2p_base, p2c_base, num_slots, qk_scale, HAS_MASK, HAS_C2P, HAS_P2C, DOT_PRECISION)
+        pt, dpt, pzt = probs_and_dp(st, v, tl.trans(do), lse[None, :], lse_row[None, :], start + offs_n[:, None],
+                                    dropout_p, seed, DROPOUT, DOT_PRECISION)
+        dv += mma(lowp(pzt, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])  # dS^T w.r.t. the scaled scores
-        dk += _mma(dst.to(q.dtype), q, DOT_PRECISION)
-        if HAS_P2C:  # dP2C[j, t] += dS_ij (collisions: several queries share a bucket)
-            tl.atomic_add(dp2c_base + offs_n[:, None] * num_slots + t, dst, mask=ok & vis)
+        dk += mma(lowp(dst, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
+        if HAS_P2C:  # dP2C[j, t] += dS_ij (collisions: several queries share a log bucket)
+            tl.atomic_add(dp2c_base + offs_n[:, None] * num_slots + t, dst, mask=vis)
 
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows_k * stride_dkn + offs_d[None, :], dk, mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows_k * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.autotune(configs=_BWD, key=_KEY, prune_configs_by=_pruner("BLOCK_M", 32), reset_to_zero=["DC2P"])
-@triton.jit(do_not_specialize=["seed"])
-def _dis_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, C2P, P2C, SLOTS, DC2P,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_lb, stride_lh, stride_mb, stride_mn, stride_pb, stride_ph,
-    seqlen, num_heads, num_slots, center, qk_scale, dropout_p, seed, Q_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    start_m, off_b, off_h, _hk, start, length, _k0, _lk, offs_m, offs_d, row_ok, d_ok, lse_row = \
-        _query_block(CU, CU, seqlen, seqlen, num_heads, 1, stride_lb, stride_lh, HEAD_DIM, BLOCK_D, IS_VARLEN,
-                     BLOCK_M)
-    if start_m * BLOCK_M >= length:
-        return
-    offs_n = tl.arange(0, BLOCK_N)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    rows = (start + offs_m)[:, None]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows * stride_dm + offs_d[None, :], mask=q_mask,
-                 other=0.0)
-    lse, delta = _load_row_stats(LSE, DELTA, lse_row, row_ok)
-    k_base = K + off_b * stride_kb + off_h * stride_kh + start * stride_kn
-    v_base = V + off_b * stride_vb + off_h * stride_vh + start * stride_vn
-    kpm = KPM + off_b * stride_mb
-    c2p_base = _product_rows(C2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
-    p2c_base = _product_rows(P2C, off_b, off_h, start, stride_pb, stride_ph, num_slots)
-    dc2p_base = _product_rows(DC2P, off_b, off_h, start, stride_pb, stride_ph, num_slots)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(kpm, stride_mn, start_m, length, length, 0, HAS_MASK, 0, False, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        kj = start_n + offs_n
-        kv_mask = (kj < length)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kj[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kj[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s, t, ok = _positional(_mma(q, tl.trans(k), DOT_PRECISION), offs_m[:, None], kj[None, :], length, SLOTS,
-                               center, c2p_base, p2c_base, num_slots, HAS_C2P, HAS_P2C)
-        s = s * qk_scale
-        vis = _visible(offs_m[:, None], kj[None, :], length, length, kpm, stride_mn, 0, HAS_MASK, 0, False)
-        p = tl.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
-        dp = _mma(do, tl.trans(v), DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, lse_row[:, None], start + kj[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, DOT_PRECISION)
-        if HAS_C2P:  # dC2P[i, t] += dS_ij (collisions: several keys share a bucket)
-            tl.atomic_add(dc2p_base + offs_m[:, None] * num_slots + t, ds, mask=ok & vis)
-
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq, mask=q_mask)
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows_k[:, None] * stride_dkn + offs_d[None, :], dk,
+             mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows_k[:, None] * stride_dvn + offs_d[None, :],
+             lowp(dv, DV.dtype.element_ty, DOT_PRECISION), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------- host wrappers
@@ -267,12 +281,11 @@ class _Call:
 
     def __init__(self, q, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
                  scale, seed):
-        self.lay = _Layout(q, q, key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0, 0,
-                           dropout_p, scale, seed)
+        self.lay = lay = _Layout(q, q, key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0, 0,
+                                 dropout_p, scale, seed)
         self.tables = (pos_key, pos_query)
         table = pos_key if pos_key is not None else pos_query
         self.num_slots = table.shape[1] if table is not None else 1
-        lay = self.lay
         # without positional terms the slots are never used: zeros keep every read in bounds
         self.slots = rel_slots if rel_slots.numel() else q.new_zeros(2 * lay.max_q - 1, dtype=torch.int32)
         self.center = lay.max_q - 1
@@ -298,11 +311,11 @@ class _Call:
 
     def scalars(self):
         lay = self.lay
-        return (lay.seqlen_q, lay.heads, self.num_slots, self.center, lay.scale * LOG2E, lay.dropout_p, lay.seed,
-                _bucket(lay.max_q))
+        return (lay.seqlen_q, lay.max_q, lay.heads, self.num_slots, self.center, lay.scale * LOG2E, lay.dropout_p,
+                lay.seed, _bucket(lay.max_q))
 
     def grid(self, block_key: str):
-        return lambda meta: (triton.cdiv(self.lay.max_q, meta[block_key]), self.lay.batch * self.lay.heads)
+        return self.lay.grid(self.lay.max_q, self.lay.heads, block_key)
 
 
 def disentangled_attention_forward(q, k, v, pos_key, pos_query, rel_slots, key_padding_mask, cu_seqlens, max_seqlen,
@@ -331,13 +344,7 @@ def disentangled_attention_backward(dout, q, k, v, pos_key, pos_query, rel_slots
                  seed)
     lay = call.lay
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    delta_rows = _delta_block_m(lay.meta["BLOCK_D"])
-    _attn_bwd_delta[(triton.cdiv(lay.max_q, delta_rows), lay.batch * lay.heads)](
-        out, dout, delta, lay.cu_q, *_bhm(out, lay.packed), *_bhm(dout, lay.packed), *lay.lse_strides,
-        lay.seqlen_q, lay.heads,
-        HEAD_DIM=lay.head_dim, BLOCK_D=lay.meta["BLOCK_D"], IS_VARLEN=lay.packed, BLOCK_M=delta_rows,
-    )
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     c2p, p2c = call.products(q, k)
     dc2p, dp2c = (torch.zeros(call.product_shape, dtype=torch.float32, device=q.device) if t is not None else
                   q.new_zeros(1, dtype=torch.float32) for t in call.tables)
@@ -345,15 +352,15 @@ def disentangled_attention_backward(dout, q, k, v, pos_key, pos_query, rel_slots
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(v)
     shared = (*lay.lse_strides, *lay.kpm_strides, *call.product_strides, *call.scalars())
+    _dis_bwd_dq[call.grid("BLOCK_M")](
+        q, k, v, out, dout, dq, lse, delta, lay.kpm, lay.cu_q, c2p, p2c, call.slots, dc2p,
+        *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(out, lay.packed),
+        *_bhm(dout, lay.packed), *_bhm(dq, lay.packed), *shared, **call.meta,
+    )
     _dis_bwd_dkdv[call.grid("BLOCK_N")](
         q, k, v, dout, dk, dv, lse, delta, lay.kpm, lay.cu_q, c2p, p2c, call.slots, dp2c,
         *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(dout, lay.packed),
         *_bhm(dk, lay.packed), *_bhm(dv, lay.packed), *shared, **call.meta,
-    )
-    _dis_bwd_dq[call.grid("BLOCK_M")](
-        q, k, v, dout, dq, lse, delta, lay.kpm, lay.cu_q, c2p, p2c, call.slots, dc2p,
-        *_bhm(q, lay.packed), *_bhm(k, lay.packed), *_bhm(v, lay.packed), *_bhm(dout, lay.packed),
-        *_bhm(dq, lay.packed), *shared, **call.meta,
     )
     # fold the slot gradients back: d(scores) = scale dS, so dQ = scale (dS K + dC2P pos_key),
     # dK = scale (dS^T Q + dP2C pos_query), dpos_key = scale dC2P^T Q, dpos_query = scale dP2C^T K

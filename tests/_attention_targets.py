@@ -102,9 +102,9 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
 
 
-def assert_within_eager(actual, eager, truth, factor, what, per_problem=False):
+def assert_within_eager(actual, eager, truth, factor, what, per_problem=False, floor=1e-6):
     """Max error of ``actual`` vs float64 ``truth`` at most ``factor`` x that of plain eager
-    PyTorch (+ 1e-6, so that an analytically exact zero is judged absolutely).
+    PyTorch (+ ``floor``, so that an analytically exact zero is judged absolutely).
     ``per_problem``: the rule holds for every (batch, head) slice on its own, as for
     independent inputs (a problem whose gradients are tiny is not hidden by the others')."""
     dims = (-2, -1) if per_problem else tuple(range(truth.dim()))
@@ -113,7 +113,7 @@ def assert_within_eager(actual, eager, truth, factor, what, per_problem=False):
         return (t.double().cpu() - truth.cpu()).abs().amax(dims)
 
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    ratio = err(actual) / (err(eager) + 1e-6)
+    ratio = err(actual) / (err(eager) + floor)
     worst = ratio.argmax()
     assert ratio.max() <= factor, (f"{what}: error {err(actual).flatten()[worst]:.3g} > {factor} x eager error "
                                    f"{err(eager).flatten()[worst]:.3g}" + (f" (problem {worst.item()})" if per_problem else ""))

@@ -28,9 +28,20 @@ ENCODER_CONFIGS = {
                                             intermediate_size=37, global_attn_every_n_layers=3, local_attention=6,
                                             max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
                                             eos_token_id=2, cls_token_id=2, sep_token_id=2)),
+    # DeBERTa-v3's structure (shared attention key, c2p + p2c, layer-normed relative embeddings, no
+    # absolute positions) with position_buckets 8, so the 11-token rows reach the log-bucketed distances
+    "deberta-v2": ("DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=37, max_position_embeddings=64, pad_token_id=1,
+                                           relative_attention=True, position_buckets=8, max_relative_positions=32,
+                                           norm_rel_ebd="layer_norm", share_att_key=True,
+                                           pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                                           type_vocab_size=0)),
 }
 ENCODER_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
-                  "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert", "modernbert": "ModernBert"}
+                  "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert", "modernbert": "ModernBert",
+                  "deberta-v2": "DebertaV2"}
+# transformers' DeBERTa has one attention implementation of its own, which it calls "eager"
+ONLY_EAGER = ("deberta-v2",)
 
 DECODER_CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
@@ -65,7 +76,8 @@ def encoder(model_type: str, head: str = "ForMaskedLM", dropout: float = 0.0, **
     if model_type == "modernbert":
         kw = dict(ENCODER_CONFIGS[model_type][1], attention_dropout=dropout, embedding_dropout=dropout,
                   mlp_dropout=dropout, classifier_dropout=dropout)
-    config = getattr(transformers, config_name)(vocab_size=V, attn_implementation="sdpa", **kw, **extra)
+    impl = "eager" if model_type in ONLY_EAGER else "sdpa"
+    config = getattr(transformers, config_name)(vocab_size=V, attn_implementation=impl, **{**kw, **extra})
     cls = getattr(transformers, ENCODER_PREFIX[model_type] + head)
     return cls(config)
 

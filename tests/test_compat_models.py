@@ -18,7 +18,7 @@ import torch
 import fastlm
 from _compat_models import (DECODERS, ENCODERS, FAMILIES, LENGTHS, REL, assert_same_rows, build, left_padded,
                             main_output, patched_twins, perturb_, quiet)
-from _patch_models import V, assert_close_rel, assert_same_grads, mlm_labels, padded_batch
+from _patch_models import ONLY_EAGER, V, assert_close_rel, assert_same_grads, mlm_labels, padded_batch
 
 # ALBERT runs one shared layer 3 times: 3 differently rounded contributions per gradient
 REL_GRAD = {"albert": 3e-5}
@@ -175,14 +175,17 @@ def test_set_attn_implementation_after_patch(family, impl):
     """transformers' ``test_can_set_attention_dynamically``: switching a patched model's
     implementation gives exactly that implementation (packed tokens must never reach an
     attention that ignores ``cu_seq_lens``), in eval and in training, and the config says
-    which implementation runs; switching back to ``"fastlm"`` serves the fused path again."""
+    which implementation runs; switching back to ``"fastlm"`` serves the fused path again.
+    (DeBERTa has one implementation, its own, which transformers does not switch and its config
+    keeps naming: any other request hands fastlm's attention back to it.)"""
     ref = build(family)
     new = copy.deepcopy(ref)
     report = quiet(fastlm.patch, new)
     patched = list(report.patched)
-    ref.set_attn_implementation(impl)
+    quiet(ref.set_attn_implementation, impl)
     quiet(new.set_attn_implementation, impl)
-    assert new.config._attn_implementation == impl
+    assert new.config._attn_implementation == ref.config._attn_implementation == (
+        "eager" if family in ONLY_EAGER else impl)
     assert "attention" not in report.patched, f"the report still says fastlm serves attention:\n{report}"
     ids, mask = padded_batch(LENGTHS)
     assert_same_rows(main_output(_eval(new, input_ids=ids, attention_mask=mask)),
@@ -190,7 +193,8 @@ def test_set_attn_implementation_after_patch(family, impl):
     # (whether the fused head stays on with another attention is fastlm's choice: not judged)
     _assert_train_alike(ref, new, family, ids, mask, fused_head=False)
     quiet(new.set_attn_implementation, "fastlm")
-    assert new.config._attn_implementation == "fastlm" and report.patched == patched, str(report)
+    assert report.patched == patched, str(report)
+    assert new.config._attn_implementation == ("eager" if family in ONLY_EAGER else "fastlm")
     assert_same_rows(main_output(_eval(new, input_ids=ids, attention_mask=mask)),
                      main_output(_eval(ref, input_ids=ids, attention_mask=mask)), mask, "back to fastlm")
 

@@ -2,9 +2,9 @@
 outputs, losses and every parameter's gradient (fp32: 1e-5 relative, as tests/test_patch.py),
 the paths that fall back to transformers, the refusals, unpatch, save/reload and Trainer.
 
-The small config keeps DeBERTa-v3's structure (shared attention key, c2p + p2c, layer-normed
-relative embeddings, no absolute positions) with position_buckets 8, so the 11-token rows reach
-the log-bucketed distances; the slow test uses the real xsmall sizes.
+The small config is tests/_patch_models.py's (DeBERTa-v3's structure, position_buckets 8, so the
+11-token rows reach the log-bucketed distances; the compatibility suite runs it as one of the
+families); the slow test uses the real xsmall sizes.
 """
 import copy
 import os
@@ -18,13 +18,11 @@ import torch
 import fastlm
 from fastlm.patching.report import PATCHED, UNSUPPORTED
 
-from _patch_models import (V, assert_close_rel, assert_same_grads, mlm_labels, padded_batch,  # noqa: E402
+from _patch_models import (assert_close_rel, assert_same_grads, encoder, mlm_labels, padded_batch,  # noqa: E402
                            trainer_losses, twins)
 
 REL = 1e-5
 LENGTHS = [11, 1, 7, 11, 4]
-V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=32, norm_rel_ebd="layer_norm",
-          share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0)
 VARIANTS = {
     "v3": {},
     "own-position-projections": dict(share_att_key=False),
@@ -37,13 +35,7 @@ VARIANTS = {
 
 
 def deberta(head="ForSequenceClassification", dropout=0.0, **overrides):
-    import transformers
-
-    kw = dict(V3, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-              max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-              pad_token_id=1)
-    kw.update(overrides)
-    return getattr(transformers, "DebertaV2" + head)(transformers.DebertaV2Config(**kw))
+    return encoder("deberta-v2", head, dropout, **overrides)
 
 
 def head_inputs(head, ids, mask):
@@ -124,8 +116,10 @@ def test_non_legacy_masked_lm_head():
 
 
 def test_float64_is_exact():
+    """(Only the reference serves float64, so ``auto`` would hand attention back to transformers
+    there: the backend is named to keep fastlm's path under test.)"""
     ref, new = twins(deberta("ForMaskedLM").train().double())
-    fastlm.patch(new)
+    fastlm.patch(new, backend="reference")
     ids, mask = padded_batch(LENGTHS)
     compare(ref, new, "ForMaskedLM", head_inputs("ForMaskedLM", ids, mask), rel=1e-12)
 
@@ -155,7 +149,9 @@ def test_real_xsmall_sizes_match():
 # ------------------------------------------------------------------------ other layouts
 def test_mask_holes_unpad_false_and_hidden_states_run_padded(monkeypatch):
     """Distances inside a row with holes change when packed, so such a batch runs the fused op
-    padded (the padded row's positions), as does unpad=False and a call for per-layer outputs."""
+    padded (the padded row's positions), as does unpad=False and a call for per-layer outputs.
+    Padded runs give a padding query transformers' uniform row, so outputs and hidden states
+    agree at EVERY position, padded ones included."""
     op_module = sys.modules["fastlm.ops.disentangled_attention"]  # (fastlm.ops.<name> is the function)
     calls = []
     for name in ("disentangled_attention", "varlen_disentangled_attention"):
@@ -172,11 +168,11 @@ def test_mask_holes_unpad_false_and_hidden_states_run_padded(monkeypatch):
         inputs = dict(head_inputs("ForTokenClassification", ids, mask_), **kwargs)
         a, b = compare(ref, new, "ForTokenClassification", inputs)
         assert calls and set(calls) == {"disentangled_attention"}, (unpad, kwargs, calls)
+        assert_close_rel(b.logits.detach(), a.logits.detach(), REL, "logits at every position")
         if kwargs:
-            valid = mask_.bool()
             assert len(b.hidden_states) == len(a.hidden_states) == 3
             for x, y in zip(b.hidden_states, a.hidden_states):
-                assert_close_rel(x[valid], y[valid], REL, "hidden states")
+                assert_close_rel(x.detach(), y.detach(), REL, "hidden states at every position")
 
 
 def test_fallbacks_run_transformers_exactly_with_one_warning_each():
@@ -201,6 +197,70 @@ def test_fallbacks_run_transformers_exactly_with_one_warning_each():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per reason
         new(input_ids=ids, attention_mask=left, labels=labels)
+
+
+def test_set_attn_implementation_hands_attention_back_and_fastlm_resumes():
+    """DeBERTa has one implementation, its own (transformers calls it "eager" and does not switch
+    it): set_attn_implementation with anything else hands attention and unpadding back to it
+    (transformers' forward, bit for bit, quietly), the report says so; "fastlm" resumes both."""
+    ref, new = twins(deberta("Model").eval())
+    report = fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        for impl in ("sdpa", "eager"):
+            new.set_attn_implementation("fastlm")
+            new.set_attn_implementation(impl)
+            assert new.config._attn_implementation == "eager"
+            statuses = {part: status for part, status, _ in report.entries}
+            assert statuses == {"attention": "handed back", "unpad": "handed back", "head": "not applicable"}
+            assert "transformers' 'eager' serves attention" in str(report)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert torch.equal(new(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+        new.set_attn_implementation("fastlm")
+        assert report.patched == ["attention", "unpad"]
+        got = new(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close_rel(got[mask == 1], want[mask == 1], REL, "fastlm again")
+    assert got[mask == 0].abs().max() == 0  # unpadded again
+    fastlm.unpatch(new)
+    assert new.config._attn_implementation == "eager"
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = deberta("ForSequenceClassification").eval()
+    fastlm.patch(model, backend="triton")
+    ids, mask = padded_batch(LENGTHS)
+    with pytest.raises(fastlm.BackendError, match="backend 'triton' cannot serve.*runs on cuda tensors, not cpu"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_torch_export_runs_the_fused_op_padded(layout):
+    """Under tracing the layers run the fused op padded (packing is data-dependent); the exported
+    program equals the untraced patched model at EVERY position: zeros where it unpads, and for
+    left padding (untraced: transformers' own path) the padding queries' uniform rows, which the
+    sequence-classification pooler reads at position 0."""
+    ref, new = twins(deberta("ForSequenceClassification").eval())
+    fastlm.patch(new)
+    ids, mask = padded_batch(LENGTHS, left=layout == "left")
+    if layout == "holes":
+        mask[0, 3] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the left-padding notice
+        program = torch.export.export(new, (), dict(input_ids=ids, attention_mask=mask))
+        assert "fastlm.disentangled_attention" in str(program.graph)
+        body = torch.export.export(new.deberta, (), dict(input_ids=ids, attention_mask=mask))
+        with torch.no_grad():
+            got, untraced = program.module()(input_ids=ids, attention_mask=mask)["logits"], new(input_ids=ids,
+                                                                                                attention_mask=mask)
+            hidden = body.module()(input_ids=ids, attention_mask=mask)["last_hidden_state"]
+            want_hidden = new.deberta(input_ids=ids, attention_mask=mask).last_hidden_state
+            want = ref(input_ids=ids, attention_mask=mask).logits
+    assert_close_rel(got, untraced.logits, REL, "exported vs untraced logits")
+    assert_close_rel(got, want, REL, "exported vs transformers logits")
+    assert_close_rel(hidden, want_hidden, REL, "exported vs untraced hidden states, every position")
 
 
 @pytest.mark.parametrize("overrides,why", [(dict(pos_att_type=["p2c", "c2p", "p2p"]), "p2p"),

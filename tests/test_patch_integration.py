@@ -284,7 +284,7 @@ def _training_batch(model_type):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert", "deberta-v2", "llama"])
 def test_a_copy_of_a_patched_model_is_patched_and_computes_with_its_own_weights(model_type, how):
     """Reference models, EMA and model soups deep-copy (or save) a patched model: the copy must
     run ITS weights through the patch (not the original instance's), and unpatch independently."""
@@ -342,7 +342,7 @@ def _decoder_or_encoder(model_type):
     return decoder(model_type) if model_type in ("llama", "mistral-window", "gpt2") else encoder(model_type)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "modernbert", "llama", "mistral-window", "gpt2"])
+@pytest.mark.parametrize("model_type", ["bert", "modernbert", "deberta-v2", "llama", "mistral-window", "gpt2"])
 def test_torch_export_of_a_patched_model(model_type):
     """torch.export of the whole patched model: no data-dependent step is traced (unpadding
     runs padded under tracing; the mask builder skips its host reads); same outputs."""
@@ -361,7 +361,7 @@ def test_torch_export_of_a_patched_model(model_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["bert", "modernbert", "mistral-window"])
+@pytest.mark.parametrize("model_type", ["bert", "modernbert", "deberta-v2", "mistral-window"])
 def test_torch_compile_fullgraph_training_step(model_type):
     """torch.compile(fullgraph=True) of the whole patched model, training with labels
     (sparse head, window check and mask builder all traceable): same loss and gradients."""

@@ -111,28 +111,76 @@ def test_explicit_backend_and_user_choice_are_kept(reference_only):
     assert not other._forward_pre_hooks and not other._forward_pre_hooks_with_kwargs
 
 
-@pytest.mark.parametrize("kind, model_type, expected", [
-    ("encoder", "bert", "torch"),        # unpadded: packed, no mask -> flash varlen
-    ("encoder", "modernbert", "torch"),  # packed with its local layers' window -> flash varlen
-    ("decoder", "llama", "torch"),       # padding mask + causal -> memory-efficient
-    ("decoder", "mistral", "torch"),     # no window in this config: as llama
-    ("decoder", "mistral-window", "reference"),  # padding + causal window: neither PyTorch kernel has both
-])
-def test_on_cuda_the_torch_tier_keeps_the_fused_path(monkeypatch, kind, model_type, expected):
-    """What the rule decides for a GPU when PyTorch's kernels are available (the torch tier):
-    the fused path stays wherever that tier serves the model's attention and loss."""
+@pytest.fixture
+def torch_tier(monkeypatch):
+    """PyTorch's fused GPU kernels available (the torch tier), as on a GPU; decisions afresh."""
     import dataclasses
-
-    from fastlm.patching import tiers
 
     monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(registry.BACKENDS["torch"], probe=lambda: None))
     registry._probe.cache_clear()
     monkeypatch.setattr(registry, "_DECISIONS", {})
-    try:
-        model = encoder(model_type) if kind == "encoder" else decoder(model_type)
-        fastlm.patch(model)
-        ops = tiers._decide(model, "cuda", torch.bfloat16)
-        assert ops["attention"] == expected
-        assert ops["linear_cross_entropy"] == "torch"
-    finally:
-        registry._probe.cache_clear()
+    yield
+    registry._probe.cache_clear()
+
+
+@pytest.mark.parametrize("kind, model_type, op, expected", [
+    ("encoder", "bert", "attention", "torch"),        # unpadded: packed, no mask -> flash varlen
+    ("encoder", "modernbert", "attention", "torch"),  # packed with its local layers' window -> flash varlen
+    ("decoder", "llama", "attention", "torch"),       # padding mask + causal -> memory-efficient
+    ("decoder", "mistral", "attention", "torch"),     # no window in this config: as llama
+    ("decoder", "mistral-window", "attention", "reference"),  # padding + causal window: neither PyTorch kernel
+    # DeBERTa's attention is its own op, which no PyTorch kernel serves; its Triton kernels are unverified
+    ("encoder", "deberta-v2", "disentangled_attention", "reference"),
+])
+def test_on_cuda_the_torch_tier_keeps_the_fused_path(torch_tier, kind, model_type, op, expected):
+    """What the rule decides for a GPU when PyTorch's kernels are available (the torch tier):
+    the fused path stays wherever that tier serves the model's attention and loss."""
+    from fastlm.patching import tiers
+
+    model = encoder(model_type) if kind == "encoder" else decoder(model_type)
+    fastlm.patch(model)
+    ops = tiers._decide(model, "cuda", torch.bfloat16)
+    assert ops == {op: expected, "linear_cross_entropy": "torch"}
+
+
+def test_deberta_on_cuda_hands_attention_back_and_keeps_the_masked_lm_head(torch_tier):
+    """On a GPU (decided with stand-in tensors, applied to the model here) DeBERTa's attention and
+    unpadding go back to transformers (reference only: slower than its own), with one warning;
+    the sparse masked-LM head stays, its loss on the torch tier; back on the CPU fastlm's
+    kernels serve again."""
+    from fastlm.patching import tiers
+
+    model = encoder("deberta-v2", "ForMaskedLM").train()
+    report = fastlm.patch(model)
+    where = ("cuda", torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"on cuda/bfloat16 .*attention \(transformers' 'eager'; unpadding off\)"):
+        tiers._apply(model, where, tiers._decide(model, *where), warn=True)
+    assert _states(report) == {"attention": "handed back", "unpad": "handed back", "head": "patched"}
+    assert ("on cuda/bfloat16: disentangled_attention -> transformers 'eager', linear_cross_entropy -> torch"
+            in str(report)), str(report)
+    assert model.deberta.encoder._fastlm_fused is False
+    ids, mask = padded_batch([9, 4, 9, 6])
+    out, said = _forward(model, input_ids=ids, attention_mask=mask, labels=mlm_labels(ids, mask))
+    assert said == [] and out.logits is None and model.deberta.encoder._fastlm_fused is True
+    assert _states(report)["attention"] == "patched" and "on cpu/float32: disentangled_attention -> cpu" in str(report)
+
+
+def test_deberta_hands_attention_back_where_only_the_reference_serves(reference_only):
+    """On CPU without the C++ kernels DeBERTa runs transformers' own encoder (bit for bit, no
+    unpadding), one warning; the sparse masked-LM head stays."""
+    ref, new = twins(encoder("deberta-v2", "ForMaskedLM").train())
+    report = fastlm.patch(new)
+    ids, mask = padded_batch([9, 4, 9, 6])
+    labels = mlm_labels(ids, mask)
+    out, said = _forward(new, input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(said) == 1 and "attention (transformers' 'eager'; unpadding off)" in said[0]
+    assert _states(report) == {"attention": "handed back", "unpad": "handed back", "head": "patched"}
+    assert "on cpu/float32: disentangled_attention -> transformers 'eager'" in str(report)
+    assert out.logits is None
+    assert_close_rel(out.loss.detach(), ref(input_ids=ids, attention_mask=mask, labels=labels).loss.detach(), 1e-5,
+                     "loss")
+    new.eval()
+    with torch.no_grad():
+        a = ref.deberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = new.deberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)

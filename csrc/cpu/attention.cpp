@@ -47,8 +47,6 @@
 namespace {
 
 using at::Tensor;
-constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 256;  // keys per tile
 
 struct Geometry {
   int64_t nseq, heads_q, heads_k, head_dim;
@@ -178,9 +176,8 @@ void forward_kernel(const Geometry& g, const T* q, Layout lq, const T* k, Layout
 // kStashKeys keys per row (64 x 4096 fp32 x 2-3 tiles = 2-3 MiB per thread); the second
 // pass reuses them, so no product is computed twice.  A longer row recomputes the two
 // products in the second pass (+40% of the backward's matmuls) rather than holding
-// O(rows x keys) memory.  Saving an fp32 copy of O in the forward instead would add a
-// tensor the size of O to what every layer keeps for its backward.
-constexpr int64_t kStashKeys = 4096;
+// O(rows x keys) memory (kStashKeys, attention_rows.h).  Saving an fp32 copy of O in the
+// forward instead would add a tensor the size of O to what every layer keeps for its backward.
 
 template <typename T>
 void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,

@@ -32,6 +32,12 @@ namespace {
 
 using at::Tensor;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlockQ = 64;   // query rows per tile
+constexpr int64_t kBlockK = 256;  // keys per tile
+// Keys per row whose fp32 P and dP tiles a 16-bit backward keeps from its delta pass for
+// its gradient pass (64 x 4096 fp32 x 2-3 tiles = 2-3 MiB per thread); longer rows
+// recompute them (see csrc/cpu/attention.cpp, "The softmax term of the backward").
+constexpr int64_t kStashKeys = 4096;
 
 // ------------------------------------------------------------------ matrix products
 // Row-major C[M,N] = alpha * op(A) op(B) + beta * C, op(A) is M x K, op(B) is K x N.

@@ -22,12 +22,14 @@
 //   from the slot table at i - j (one table read and two cached loads per score, the only
 //   cost the positional terms add per pair), then the online softmax, dropout, acc += P V.
 // * backward, per item: recompute C2P / P2C and, per tile, P = exp(S - lse), dV += P^T dO,
-//   dS = P (dP - rowsum(dO O)), dQ += dS K, dK += dS^T (scale Q), and scatter dS into the
+//   dS = P (dP - delta), dQ += dS K, dK += dS^T (scale Q), and scatter dS into the
 //   per-row slot gradients dC2P[i][t] += dS_ij, dP2C[j][t] += dS_ij (L x W each, the
 //   transposes of the gathers).  After the tiles, four sgemms fold them back:
 //   dQ += dC2P pk, dK += scale dP2C pq, dpk += dC2P^T (scale Q), dpq += scale dP2C^T K.
 //   dpk / dpq sum over the whole batch: each thread's list accumulates its own fp32
 //   (H, R, D) copy, summed afterwards in list order (deterministic for a thread count).
+//   delta = rowsum(dO O) for fp32; for bf16 / fp16 rowsum(P dP) from the fp32 tiles of a
+//   first pass over the query block's keys, kept for the gradient pass (as attention.cpp).
 // * padding: keys outside the mask's [kmin, kmax) are never touched, key blocks the mask
 //   hides entirely are skipped, holes are masked per key.  A query row that sees no key
 //   outputs 0, lse = -inf and gets zero gradients.
@@ -42,6 +44,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dropout.h"
@@ -51,8 +54,6 @@
 
 namespace {
 
-constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 256;  // keys per tile
 
 struct Geometry {
   int64_t nseq, heads, head_dim;
@@ -279,10 +280,10 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
                      const float* lse, Layout ll, T* dq, Layout ldq, T* dk, Layout ldk, T* dv, Layout ldv,
                      TableGrads& table_grads) {
   const int64_t D = g.head_dim, R = g.num_slots, table = g.heads * R * D;
+  constexpr bool exact_delta = !std::is_same_v<T, float>;  // see csrc/cpu/attention.cpp's backward
   for_each_list(g, [&](const std::vector<int64_t>& items, int64_t list) {
     Item it;
-    std::vector<float> dof, dqf, dkf, dvf, dc2p, dp2c, lrow, delta;
-    std::vector<float> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), pd(kBlockQ * kBlockK);
+    std::vector<float> dof, dqf, dkf, dvf, dc2p, dp2c, lrow, delta, p, dp, pd;
     std::vector<float> dtables(g.positional() ? 2 * table : 0, 0.0f);  // this chunk's (dpk, dpq)
     for (int64_t item : items) {
       it.prepare(g, item, q, lq, k, lk, v, lv, pk, pq);
@@ -295,7 +296,7 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
       delta.resize(L);
       lrow.resize(L);
       for (int64_t i = 0; i < L; ++i) {
-        delta[i] = row_dot(dof.data() + i * D, op + i * lout.row, D);
+        delta[i] = exact_delta ? 0.0f : row_dot(dof.data() + i * D, op + i * lout.row, D);
         lrow[i] = lp[i * ll.row];
       }
       dqf.assign(L * D, 0.0f);
@@ -303,44 +304,68 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
       dvf.assign(std::max<int64_t>(nk, 0) * D, 0.0f);
       if (g.c2p) dc2p.assign(L * W, 0.0f);
       if (g.p2c) dp2c.assign(std::max<int64_t>(nk, 0) * W, 0.0f);
+      // 16-bit: a query block's tiles of keys [kb, kb + kBlockK) live at column kb - kmin of
+      // the stash (row stride ld) from the delta pass to the gradient pass when its keys fit,
+      // else in one reused tile, recomputed per pass.
+      const bool stash = exact_delta && nk <= kStashKeys;
+      const int64_t ld = stash ? std::max<int64_t>(nk, 1) : kBlockK;
+      for (auto* buf : {&p, &dp, &pd}) buf->resize(kBlockQ * ld);
+      auto col = [&](int64_t kb) { return stash ? kb - kmin : 0; };
       for (int64_t i0 = 0; i0 < L && nk > 0; i0 += kBlockQ) {
         const int64_t M = std::min(kBlockQ, L - i0);
         const float* qt = it.qf.data() + i0 * D;
         const float* dot = dof.data() + i0 * D;
-        for (int64_t kb = kmin; kb < it.kmax; kb += kBlockK) {
-          const int64_t N = std::min(kBlockK, it.kmax - kb);
-          bool hidden;
-          const bool* key_ok = mask_block(g.mask(n), kb, N, hidden);
-          if (hidden) continue;
+        // P (undropped), dP (after dropout) and, with dropout, P * Z for dV: keys [kb, kb + N)
+        auto tile = [&](int64_t kb, int64_t N, const bool* key_ok) {
+          float* pt = p.data() + col(kb);
+          float* dpt = dp.data() + col(kb);
           const float* kt = it.kf.data() + (kb - kmin) * D;
-          const float* vt = it.vf.data() + (kb - kmin) * D;
-          gemm(false, true, M, N, D, 1.0f, qt, D, kt, D, 0.0f, p.data(), kBlockK);    // S
-          gemm(false, true, M, N, D, 1.0f, dot, D, vt, D, 0.0f, dp.data(), kBlockK);  // dO V^T
-          add_positional(p.data(), kBlockK, M, N, i0, kb, kmin, g.slots, it.win.lo, it.c2p_or_null(g),
-                         it.p2c_or_null(g), W);
-          const float* pv = p.data();  // the probabilities multiplying V in the forward
+          gemm(false, true, M, N, D, 1.0f, qt, D, kt, D, 0.0f, pt, ld);                                 // S
+          gemm(false, true, M, N, D, 1.0f, dot, D, it.vf.data() + (kb - kmin) * D, D, 0.0f, dpt, ld);  // dO V^T
+          add_positional(pt, ld, M, N, i0, kb, kmin, g.slots, it.win.lo, it.c2p_or_null(g), it.p2c_or_null(g), W);
           for (int64_t r = 0; r < M; ++r) {
-            float* pr = p.data() + r * kBlockK;
+            float* pr = pt + r * ld;
             probs_row(pr, N, 0, N, key_ok, lrow[i0 + r]);
             if (g.drop_threshold) {
               // the forward used P * Z (Z = keep / (1 - p)): dV takes P * Z and dP = Z * dO V^T
               const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
-              float* pdr = pd.data() + r * kBlockK;
+              float* pdr = pd.data() + col(kb) + r * ld;
               std::copy(pr, pr + N, pdr);
               dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
-              dropout_row(dp.data() + r * kBlockK, N, key, kb, g.drop_threshold, g.drop_scale);
+              dropout_row(dpt + r * ld, N, key, kb, g.drop_threshold, g.drop_scale);
             }
           }
-          if (g.drop_threshold) pv = pd.data();
-          gemm(true, false, N, D, M, 1.0f, pv, kBlockK, dot, D, 1.0f, dvf.data() + (kb - kmin) * D, D);
-          for (int64_t r = 0; r < M; ++r)
-            dscores_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, N, delta[i0 + r]);
-          // dS is w.r.t. the scaled scores: dQ = scale dS K (scaled at the store), dK = dS^T (scale Q)
-          gemm(false, false, M, D, N, 1.0f, dp.data(), kBlockK, kt, D, 1.0f, dqf.data() + i0 * D, D);
-          gemm(true, false, N, D, M, 1.0f, dp.data(), kBlockK, qt, D, 1.0f, dkf.data() + (kb - kmin) * D, D);
-          scatter_positional(dp.data(), kBlockK, M, N, i0, kb, kmin, g.slots, it.win.lo,
-                             g.c2p ? dc2p.data() : nullptr, g.p2c ? dp2c.data() : nullptr, W);
+        };
+        // Every key block of the mask's range that is not wholly hidden.
+        auto for_each_block = [&](auto&& body) {
+          for (int64_t kb = kmin; kb < it.kmax; kb += kBlockK) {
+            const int64_t N = std::min(kBlockK, it.kmax - kb);
+            bool hidden;
+            const bool* key_ok = mask_block(g.mask(n), kb, N, hidden);
+            if (!hidden) body(kb, N, key_ok);
+          }
+        };
+        if (exact_delta) {
+          for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+            tile(kb, N, key_ok);
+            for (int64_t r = 0; r < M; ++r)
+              delta[i0 + r] += dot_row(p.data() + col(kb) + r * ld, dp.data() + col(kb) + r * ld, N);
+          });
         }
+        for_each_block([&](int64_t kb, int64_t N, const bool* key_ok) {
+          if (!stash) tile(kb, N, key_ok);
+          float* pt = p.data() + col(kb);
+          float* dpt = dp.data() + col(kb);
+          const float* pv = g.drop_threshold ? pd.data() + col(kb) : pt;  // the probabilities multiplying V
+          const float* kt = it.kf.data() + (kb - kmin) * D;
+          gemm(true, false, N, D, M, 1.0f, pv, ld, dot, D, 1.0f, dvf.data() + (kb - kmin) * D, D);
+          for (int64_t r = 0; r < M; ++r) dscores_row(pt + r * ld, dpt + r * ld, N, delta[i0 + r]);
+          // dS is w.r.t. the scaled scores: dQ = scale dS K (scaled at the store), dK = dS^T (scale Q)
+          gemm(false, false, M, D, N, 1.0f, dpt, ld, kt, D, 1.0f, dqf.data() + i0 * D, D);
+          gemm(true, false, N, D, M, 1.0f, dpt, ld, qt, D, 1.0f, dkf.data() + (kb - kmin) * D, D);
+          scatter_positional(dpt, ld, M, N, i0, kb, kmin, g.slots, it.win.lo, g.c2p ? dc2p.data() : nullptr,
+                             g.p2c ? dp2c.data() : nullptr, W);
+        });
       }
       if (nk > 0 && g.c2p) {  // dQ += dC2P pk (scaled at the store), dpk += dC2P^T (scale Q)
         gemm(false, false, L, D, W, 1.0f, dc2p.data(), W, pk.at(h, it.win.lo), pk.row, 1.0f, dqf.data(), D);

@@ -98,14 +98,19 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
                       stacklevel=2)
         return report
 
+    if backend != "auto":  # read per call by every fastlm op the model runs (fastlm.patching.attention.backend_of)
+        for module in target.modules():
+            binding.set_attr(module, "_fastlm_backend", backend)
     if family.patcher:  # attention outside transformers' interface: the family's own module
         importlib.import_module(family.patcher).patch(target, backend, report, attention=attention, unpad=unpad)
     else:
         if attention:
-            _patch_attention(target, backend, report)
+            _patch_attention(target, report)
         else:
             report.add("attention", NOT_APPLICABLE, "attention=False")
         _patch_unpad(target, family, unpad, attention, report)
+    if "attention" in report.patched:  # the user's choice of implementation hands fastlm's back (or resumes it)
+        binding.bind(target, "set_attn_implementation", _set_attn_implementation)
     _patch_head(target, family, cross_entropy, report)
     binding.set_attr(target, _REPORT, report)  # kept current by later changes (set_attn_implementation, tiers)
     if backend == "auto" and report.patched:
@@ -117,7 +122,7 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True, unpad: b
     return report
 
 
-def _patch_attention(target, backend, report) -> None:
+def _patch_attention(target, report) -> None:
     from fastlm.patching.attention import NAME, ORIGINAL, ensure_registered
 
     ensure_registered()
@@ -128,11 +133,8 @@ def _patch_attention(target, backend, report) -> None:
         return
     key = id(target.config)
     _BEFORE[key] = (weakref.ref(target.config, lambda _, key=key: _BEFORE.pop(key, None)), original)
-    binding.bind(target, "set_attn_implementation", _set_attn_implementation)
-    for module in target.modules():  # the attention function reads them from the layer it serves
+    for module in target.modules():  # the attention function reads it from the layer it serves
         binding.set_attr(module, ORIGINAL, original)
-        if backend != "auto":
-            binding.set_attr(module, "_fastlm_backend", backend)
     report.add("attention", PATCHED, f"transformers attention interface 'fastlm' (was {original!r})")
 
 
@@ -159,11 +161,15 @@ def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
 
     Switching a patched model to another implementation hands attention back to it, and
     with it the unpadding (packed tokens need fastlm's varlen attention; the encoders check
-    the live implementation per call); switching back to ``"fastlm"`` resumes both."""
+    the live implementation per call); switching back to ``"fastlm"`` resumes both.  A family
+    whose attention is outside transformers' interface (DeBERTa) has one implementation of
+    its own, which its config keeps naming (transformers does not switch it): any other
+    request hands fastlm's attention back to it, ``"fastlm"`` resumes fastlm's."""
     from fastlm.patching.attention import NAME
 
     binding.original(self, "set_attn_implementation")(attn_implementation, *args, **kwargs)
-    current = self.config._attn_implementation
+    current = NAME if attn_implementation == NAME else self.config._attn_implementation
+    tiers.attention_tier(self).serve(self, None if current == NAME else current)
     tiers.user_chose(self, current)
     report = self.__dict__.get(_REPORT)
     if report is None:

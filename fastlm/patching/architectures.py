@@ -15,7 +15,10 @@ with an untouched head) by the model class name.  Adding a family is adding a ro
 * ``causal_lm``: the ``lm_head`` of a ``*ForCausalLM`` / ``*LMHeadModel`` (plain linear);
 * ``patcher``: a module whose ``patch(target, backend, report, attention=, unpad=)`` replaces
   the attention-interface and unpadding mechanisms for a family whose attention does not go
-  through transformers' interface (DeBERTa-v2/v3: :mod:`fastlm.patching.deberta`).
+  through transformers' interface, and whose ``ATTENTION_TIER``
+  (:class:`fastlm.patching.tiers.AttentionTier`) says which op the never-slower rule judges
+  and how its layers are handed back to transformers (DeBERTa-v2/v3:
+  :mod:`fastlm.patching.deberta`).
 
 Families not listed (or listed features a model lacks) are left as they were, with one
 warning naming them.

@@ -5,7 +5,9 @@ builds an ``(L, L)`` relative-position matrix once per forward, then per layer t
 ``q k^T`` plus the content-to-position and position-to-content terms gathered from
 ``q pos_key^T`` and ``k pos_query^T``, each a ``(B, H, L, L)`` tensor (with the ``(B, H, L, 2 span)``
 products before the gathers, a mask fill, softmax and dropout on top).  This module binds,
-per instance:
+per instance (:mod:`fastlm.patching.binding`: module-level functions, state in the
+instances' ``__dict__``, so copies and pickles of a patched model compute with their own
+weights):
 
 * on every ``DisentangledSelfAttention``: a forward that, when the encoder hands it a
   :class:`Batch` instead of a mask, projects q/k/v and the (dropped-out) relative embeddings
@@ -22,38 +24,56 @@ per instance:
 * on the ``DebertaV2Model``: the gate that tells the encoder whether per-layer outputs are
   wanted (``output_hidden_states``, ``z_steps > 1``).
 
+Padded runs give a padding QUERY transformers' value: its mask is ``mask_i * mask_j``, so such
+a row's scores are all ``finfo.min``, its softmax uniform and its output the mean of ``v``
+over every position (gradient to ``v`` only; the fused op alone would attend to the real
+keys; under dropout that mean is transformers' dropped-out row in expectation).  Per-layer
+outputs are then transformers' at every position.
+
 transformers' own path, with one warning per reason, serves what the fused path does not:
 ``output_attentions``, a 3D/4D mask, ``query_states`` / ``relative_pos`` given, and LEFT
-padding (a row whose first token is padding: the pooler of the classification heads reads
-position 0, whose transformers output, a uniform average over every position, the fused
-op does not reproduce).  Refused at patch time, with the reason in the report:
-``pos_att_type`` with ``p2p`` and a convolution layer (``conv_kernel_size > 0``, which mixes
-neighbouring padded positions).  The masked-LM head is the shared sparse one
-(:mod:`fastlm.patching.mlm_head`, table row in :mod:`fastlm.patching.architectures`).
+padding (the pooler of the classification heads reads position 0, a padding token).  Refused
+at patch time, with the reason in the report: ``pos_att_type`` with ``p2p`` and a convolution
+layer (``conv_kernel_size > 0``, which mixes neighbouring padded positions).  The masked-LM
+head is the shared sparse one (:mod:`fastlm.patching.mlm_head`, table row in
+:mod:`fastlm.patching.architectures`).
+
+Never slower (:data:`ATTENTION_TIER`, :mod:`fastlm.patching.tiers`): with ``backend="auto"``, on
+a device/dtype where ``auto`` would pick the ``reference`` for ``disentangled_attention`` (a
+GPU while the Triton kernels are unverified; float64), the encoder runs transformers' own
+forward (no unpadding), quietly; ``set_attn_implementation`` with anything but ``"fastlm"``
+does the same (DeBERTa has one implementation, which its config keeps naming).  Under
+``torch.compile`` / ``torch.export`` tracing the layers run padded (packing is
+data-dependent) and the padded positions are zeroed where the untraced model would unpad.
 """
 from __future__ import annotations
 
-import inspect
+import math
+import struct
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from fastlm.patching import binding
+from fastlm.patching import binding, tiers
+from fastlm.patching.attention import ORIGINAL, backend_of
+from fastlm.patching.masks import tracing
 from fastlm.patching.report import NOT_APPLICABLE, PATCHED, UNSUPPORTED
-from fastlm.patching.unpad import Packing
+from fastlm.patching.unpad import Packing, zeros_where_unpadded
 
+FUSED = "_fastlm_fused"                  # encoder: fastlm's attention serves (False: handed back)
+UNPAD = "_fastlm_unpad"                  # encoder: patch(unpad=...)
+LAYERS_WANTED = "_fastlm_layers_wanted"  # encoder: this call wants every layer's output (set by the base model)
 _WARNED: set = set()
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
+    if reason not in _WARNED and not tracing():
         _WARNED.add(reason)
         warnings.warn(f"fastlm DeBERTa: {reason}; this call runs transformers' own attention", stacklevel=4)
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     """Handed to the layers in place of the attention mask: how the tokens are laid out.
 
     Packed: ``cu_seqlens`` (int32, (B + 1,)) and ``max_seqlen``, hidden states ``(1, T, E)``.
@@ -62,7 +82,6 @@ class Batch:
     cu_seqlens: torch.Tensor | None
     max_seqlen: int
     key_padding_mask: torch.Tensor | None
-    backend: str
 
 
 # ------------------------------------------------------------------------ patch time
@@ -78,7 +97,8 @@ def refusal(config) -> str | None:
 
 
 def patch(target, backend: str, report, *, attention: bool, unpad: bool) -> None:
-    """Bind the fused attention, the unpadding encoder and the base-model gate (see module docstring)."""
+    """Bind the fused attention, the unpadding encoder and the base-model gate (see module docstring).
+    (``backend`` reaches the layers as every module's ``_fastlm_backend``, set by :func:`fastlm.patch`.)"""
     base = target.base_model
     why = refusal(target.config)
     if not attention:
@@ -91,17 +111,43 @@ def patch(target, backend: str, report, *, attention: bool, unpad: bool) -> None
         report.add("unpad", UNSUPPORTED, "needs the fused attention")
         return
     for layer in base.encoder.layer:
-        binding.bind(layer.attention.self, "forward", _attention_forward(backend))
-    binding.set_attr(base.encoder, "_fastlm_unpad", unpad)
-    binding.set_attr(base.encoder, "_fastlm_layers_wanted", False)
-    binding.bind(base.encoder, "forward", _encoder_forward(backend))
+        binding.bind(layer.attention.self, "forward", _attention_forward)
+    for name, value in ((FUSED, True), (UNPAD, unpad), (LAYERS_WANTED, False)):
+        binding.set_attr(base.encoder, name, value)
+    binding.bind(base.encoder, "forward", _encoder_forward)
     binding.bind(base, "forward", _base_forward)
+    # what serves attention when fastlm's is handed back (tiers, set_attn_implementation): DeBERTa's own
+    binding.set_attr(target, ORIGINAL, target.config._attn_implementation)
     report.add("attention", PATCHED, "fused disentangled attention in every layer "
                                      "(fastlm.ops.varlen_disentangled_attention; transformers' own path for "
                                      "left padding, output_attentions, 3D/4D masks)")
     report.add("unpad", PATCHED if unpad else NOT_APPLICABLE,
                f"{type(base.encoder).__name__} runs on packed tokens (padding removed once, relative embeddings "
-               "normalised once per forward)" if unpad else "unpad=False: the fused attention runs padded")
+               "normalised once per forward; padded under torch.compile / torch.export tracing)"
+               if unpad else "unpad=False: the fused attention runs padded")
+
+
+# ------------------------------------------------------------------------ tiers
+def _attention_problem(model, device: str, dtype: torch.dtype):
+    """``disentangled_attention``'s problem for this model's layers on ``device``/``dtype``
+    (a shape-only stand-in query: nothing is allocated on the device)."""
+    from fastlm.ops.disentangled_attention import problem
+
+    config, encoder = model.config, model.base_model.encoder
+    layer = encoder.layer[0].attention.self
+    q = torch.empty((1, layer.num_attention_heads, 1, layer.attention_head_size), dtype=dtype, device="meta")
+    terms = set(layer.pos_att_type) if layer.relative_attention else set()
+    unpadded = encoder.__dict__.get(UNPAD, False)
+    return problem(q, padding=not unpadded, packed=unpadded, c2p="c2p" in terms, p2c="p2c" in terms,
+                   dropout_p=0.0, max_seqlen=config.max_position_embeddings)._replace(device=device)
+
+
+def _serve(model, implementation: str | None) -> None:
+    """``None``: the fused layers serve; else transformers' own forward (its one implementation)."""
+    model.base_model.encoder.__dict__[FUSED] = implementation is None
+
+
+ATTENTION_TIER = tiers.AttentionTier("disentangled_attention", _attention_problem, _serve)
 
 
 # ------------------------------------------------------------------------- attention
@@ -120,42 +166,46 @@ def _positional_tables(module, rel_embeddings, heads: int, dim: int):
     return tables
 
 
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _scale(dim: int, pos_att_type) -> float:
-    """transformers' 1 / sqrt(dim * scale_factor), the square root taken in float32 as it does (so
-    float64 models match it exactly); the factor counts the configured positional terms, even
-    without relative attention."""
+    """transformers' 1 / sqrt(dim * scale_factor), its square root taken in float32 (so float64
+    models match it exactly; the float64 root of an integer rounded once to float32 is float32's
+    correctly rounded root), computed without a tensor (nothing to trace); the factor counts the
+    configured positional terms, even without relative attention."""
     factor = 1 + sum(t in pos_att_type for t in ("c2p", "p2c"))
-    return 1.0 / torch.sqrt(torch.tensor(dim, dtype=torch.float32) * factor).item()
+    return 1.0 / _float32(math.sqrt(dim * factor))
 
 
-def _attention_forward(backend: str):
+def _attention_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                       relative_pos=None, rel_embeddings=None):
+    """``DisentangledSelfAttention.forward``: fused when the encoder hands a :class:`Batch`."""
     from fastlm.ops.disentangled_attention import disentangled_attention, varlen_disentangled_attention
 
-    def make(original):
-        def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
-                    relative_pos=None, rel_embeddings=None):
-            if not isinstance(attention_mask, Batch):
-                return original(hidden_states, attention_mask, output_attentions, query_states, relative_pos,
-                                rel_embeddings)
-            heads, dim = self.num_attention_heads, self.attention_head_size
-            q, k, v = (proj(hidden_states).unflatten(-1, (heads, dim))
-                       for proj in (self.query_proj, self.key_proj, self.value_proj))
-            pos_key, pos_query = _positional_tables(self, rel_embeddings, heads, dim)
-            scale = _scale(dim, self.pos_att_type)
-            kwargs = dict(scale=scale, dropout_p=self.dropout.p if self.training else 0.0, backend=backend)
-            if self.relative_attention:
-                kwargs.update(position_buckets=self.position_buckets, max_relative_positions=self.max_relative_positions)
-            if attention_mask.cu_seqlens is not None:  # (1, T, H, D) -> (T, H, D) views (no copy back)
-                out = varlen_disentangled_attention(q.squeeze(0), k.squeeze(0), v.squeeze(0), pos_key, pos_query,
-                                                    attention_mask.cu_seqlens, attention_mask.max_seqlen,
-                                                    **kwargs).unsqueeze(0)
-            else:  # (B, L, H, D) -> (B, H, L, D) views
-                out = disentangled_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos_key,
-                                             pos_query, key_padding_mask=attention_mask.key_padding_mask,
-                                             **kwargs).transpose(1, 2)
-            return out.flatten(-2), None
-        return forward
-    return make
+    if not isinstance(attention_mask, Batch):
+        return binding.original(self, "forward")(hidden_states, attention_mask, output_attentions, query_states,
+                                                 relative_pos, rel_embeddings)
+    heads, dim = self.num_attention_heads, self.attention_head_size
+    q, k, v = (proj(hidden_states).unflatten(-1, (heads, dim))
+               for proj in (self.query_proj, self.key_proj, self.value_proj))
+    pos_key, pos_query = _positional_tables(self, rel_embeddings, heads, dim)
+    kwargs = dict(scale=_scale(dim, self.pos_att_type), dropout_p=self.dropout.p if self.training else 0.0,
+                  backend=backend_of(self))
+    if self.relative_attention:
+        kwargs.update(position_buckets=self.position_buckets, max_relative_positions=self.max_relative_positions)
+    if attention_mask.cu_seqlens is not None:  # (1, T, H, D) -> (T, H, D) views (no copy back)
+        out = varlen_disentangled_attention(q.squeeze(0), k.squeeze(0), v.squeeze(0), pos_key, pos_query,
+                                            attention_mask.cu_seqlens, attention_mask.max_seqlen,
+                                            **kwargs).unsqueeze(0)
+        return out.flatten(-2), None
+    # (B, L, H, D) -> (B, H, L, D) views; padding queries: transformers' uniform row (module docstring)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    valid = attention_mask.key_padding_mask
+    out = disentangled_attention(q, k, v, pos_key, pos_query, key_padding_mask=valid, **kwargs)
+    out = torch.where(valid[:, None, :, None], out, v.mean(dim=2, keepdim=True))
+    return out.transpose(1, 2).flatten(-2), None
 
 
 # --------------------------------------------------------------------------- encoder
@@ -169,59 +219,63 @@ def _fallback_reason(attention_mask, output_attentions, query_states, relative_p
     return None
 
 
-def _encoder_forward(backend: str):
+def _encoder_forward(self, hidden_states, attention_mask, output_hidden_states=True, output_attentions=False,
+                     query_states=None, relative_pos=None, return_dict=True):
+    """``DebertaV2Encoder.forward``: every layer fused, on packed tokens where it can (module docstring)."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    def make(original):
-        def forward(self, hidden_states, attention_mask, output_hidden_states=True, output_attentions=False,
-                    query_states=None, relative_pos=None, return_dict=True):
-            def transformers_path():
-                return original(hidden_states, attention_mask, output_hidden_states, output_attentions,
-                                query_states, relative_pos, return_dict)
+    call = (hidden_states, attention_mask, output_hidden_states, output_attentions, query_states, relative_pos,
+            return_dict)
+    if not self.__dict__[FUSED]:  # handed back (never-slower rule, set_attn_implementation): quietly
+        return binding.original(self, "forward")(*call)
+    traced = tracing()
+    reason = _fallback_reason(attention_mask, output_attentions, query_states, relative_pos)
+    packing = None if reason or traced else Packing(attention_mask)
+    if packing is not None and not packing.first_real:
+        reason = "left padding (the pooler reads position 0, a padding token)"
+    if reason:
+        _warn_once(reason)
+        return binding.original(self, "forward")(*call)
+    layers_wanted, unpad = self.__dict__[LAYERS_WANTED], self.__dict__[UNPAD]
+    mask = attention_mask.to(torch.bool)
+    packed = packing is not None and unpad and packing.contiguous and not layers_wanted
+    if packed:
+        batch, states = Batch(packing.cu_seqlens, packing.max_seqlen, None), packing.unpad(hidden_states)
+    else:
+        batch, states = Batch(None, 0, mask), hidden_states
+    rel_embeddings = self.get_rel_embedding()
+    all_states = [hidden_states]
+    for layer in self.layer:
+        states = layer(states, batch, query_states=None, relative_pos=None, rel_embeddings=rel_embeddings,
+                       output_attentions=False)[0]
+        if layers_wanted:
+            all_states.append(states)
+    if packed:
+        last = packing.repad(states)
+    elif traced and unpad and not layers_wanted:  # what the untraced model gives: zeros where it unpads
+        last = zeros_where_unpadded(states, mask, needs_contiguous=True)
+    else:
+        last = states
+    # the base model reads encoder_outputs[1][-1]: every layer when wanted, else the last one
+    hidden = tuple(all_states) if layers_wanted else (last,)
+    if not return_dict:
+        return last, hidden
+    return BaseModelOutput(last_hidden_state=last, hidden_states=hidden, attentions=None)
 
-            reason = _fallback_reason(attention_mask, output_attentions, query_states, relative_pos)
-            packing = None if reason else Packing(attention_mask)
-            if packing is not None and not packing.first_real:
-                reason = "left padding (the pooler reads position 0, a padding token)"
-            if reason:
-                _warn_once(reason)
-                return transformers_path()
-            layers_wanted = self._fastlm_layers_wanted
-            packed = self._fastlm_unpad and packing.contiguous and not layers_wanted
-            if packed:
-                batch = Batch(packing.cu_seqlens, packing.max_seqlen, None, backend)
-                states = packing.unpad(hidden_states)
-            else:
-                batch = Batch(None, 0, attention_mask.to(torch.bool), backend)
-                states = hidden_states
-            rel_embeddings = self.get_rel_embedding()
-            all_states = [hidden_states]
-            for layer in self.layer:
-                states = layer(states, batch, query_states=None, relative_pos=None, rel_embeddings=rel_embeddings,
-                               output_attentions=False)[0]
-                if layers_wanted:
-                    all_states.append(states)
-            last = packing.repad(states) if packed else states
-            # the base model reads encoder_outputs[1][-1]: every layer when wanted, else the last one
-            hidden = tuple(all_states) if layers_wanted else (last,)
-            if not return_dict:
-                return last, hidden
-            return BaseModelOutput(last_hidden_state=last, hidden_states=hidden, attentions=None)
-        return forward
-    return make
 
-
-def _base_forward(original):
-    signature = inspect.signature(original)
-
-    def forward(self, *args, **kwargs):
-        wanted = binding.split_call(signature, args, kwargs).get("output_hidden_states")
-        if wanted is None:
-            wanted = self.config.output_hidden_states
-        encoder = self.encoder
-        encoder._fastlm_layers_wanted = bool(wanted) or self.z_steps > 1
-        try:
-            return original(*args, **kwargs)
-        finally:
-            encoder._fastlm_layers_wanted = False
-    return forward
+def _base_forward(self, *args, **kwargs):
+    """``DebertaV2Model.forward``: tells the encoder when every layer's output is wanted
+    (``output_hidden_states`` per call or in the config; ``z_steps > 1`` re-runs the last layer
+    on the second-to-last's output)."""
+    original = binding.original(self, "forward")
+    wanted = binding.split_call(binding.signature(original), args, kwargs).get("output_hidden_states")
+    if wanted is None:
+        wanted = self.config.output_hidden_states
+    if not (wanted or self.z_steps > 1):
+        return original(*args, **kwargs)
+    encoder = self.encoder
+    encoder.__dict__[LAYERS_WANTED] = True
+    try:
+        return original(*args, **kwargs)
+    finally:
+        encoder.__dict__[LAYERS_WANTED] = False

@@ -9,9 +9,13 @@ the ground truth: slower than transformers' own kernels, e.g. on a GPU while fas
 kernels are unverified), the feature goes back to transformers' own path for that
 device and dtype:
 
-* attention: the implementation the model had before :func:`fastlm.patch` is set again
-  (``set_attn_implementation``), which also turns the unpadding off (packed tokens need
-  fastlm's attention: :mod:`fastlm.patching.unpad` checks the live implementation);
+* attention, as the family's :class:`AttentionTier` row says: for the families on
+  transformers' attention interface (:data:`INTERFACE`), the implementation the model had
+  before :func:`fastlm.patch` is set again (``set_attn_implementation``), which also turns
+  the unpadding off (packed tokens need fastlm's attention: :mod:`fastlm.patching.unpad`
+  checks the live implementation); a family patcher's row (DeBERTa's
+  ``disentangled_attention``: :mod:`fastlm.patching.deberta`) switches its own layers back
+  to transformers' code, unpadding included;
 * the causal-LM head: transformers' forward (logits + its loss) instead of the fused
   linear cross-entropy;
 * the sparse masked-LM head stays: running the head on the ~15% labelled rows wins with
@@ -27,7 +31,10 @@ and an explicit ``backend=`` keeps fastlm's kernels everywhere (no hook).
 """
 from __future__ import annotations
 
+import importlib
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -122,14 +129,52 @@ def _attention_problem(model, device: str, dtype: torch.dtype):
                    max_seqlen=getattr(config, "max_position_embeddings", None) or 512)._replace(device=device)
 
 
+def _serve_interface(model, implementation: str | None) -> None:
+    from fastlm.patching.attention import NAME
+
+    wanted = implementation or NAME
+    if model.config._attn_implementation != wanted:
+        binding.original(model, "set_attn_implementation")(wanted)
+
+
+@dataclass(frozen=True)
+class AttentionTier:
+    """How a family's fused attention is judged on a device and handed back (a row of the table).
+
+    ``op``: the registry op its layers call; ``problem(model, device type, dtype)``: that op's
+    :class:`fastlm.registry.Problem` for the model's layers (stand-in tensors, nothing
+    allocated); ``serve(model, implementation)``: ``None``, fastlm's kernels serve attention
+    (and the unpadding that needs them), else transformers' own ``implementation`` does."""
+
+    op: str
+    problem: Callable
+    serve: Callable
+
+
+# Families on transformers' attention interface; a family ``patcher`` module brings its own
+# row as ``ATTENTION_TIER`` (DeBERTa: fastlm.patching.deberta).
+INTERFACE = AttentionTier("attention", _attention_problem, _serve_interface)
+
+
+def attention_tier(model) -> AttentionTier:
+    """The row of ``model``'s family."""
+    from fastlm.patching.architectures import family_of
+
+    family = family_of(model)
+    if family is not None and family.patcher:
+        return importlib.import_module(family.patcher).ATTENTION_TIER
+    return INTERFACE
+
+
 def _decide(model, device: str, dtype: torch.dtype) -> dict:
     from fastlm.ops.cross_entropy import problem
     from fastlm.patching.architectures import family_of, task_of
     from fastlm.patching.attention import ORIGINAL
 
     ops = {}
-    if ORIGINAL in model.__dict__:
-        ops["attention"] = _auto("attention", _attention_problem(model, device, dtype))
+    if ORIGINAL in model.__dict__:  # fastlm's attention was patched in
+        tier = attention_tier(model)
+        ops[tier.op] = _auto(tier.op, tier.problem(model, device, dtype))
     task = task_of(model)
     if model.__dict__.get("forward") is not None and task in ("causal_lm", "masked_lm"):
         family = family_of(model)
@@ -143,23 +188,22 @@ def _apply(model, where, ops: dict, warn: bool) -> None:
     """Serve ``ops`` as decided for ``where``: hand features whose best fastlm backend is the
     reference back to transformers (or resume fastlm's), update the report, warn (``warn``)."""
     from fastlm.patching.architectures import task_of
-    from fastlm.patching.attention import NAME, ORIGINAL
+    from fastlm.patching.attention import ORIGINAL
 
     report = model.__dict__.get("_fastlm_report")
     label = f"{where[0]}/{str(where[1]).replace('torch.', '')}"
     served, handed_back = {}, []
-    if "attention" in ops and model.__dict__.get(USER_CHOICE) is None:
+    tier = attention_tier(model)
+    if tier.op in ops and model.__dict__.get(USER_CHOICE) is None:
         original = model.__dict__[ORIGINAL]
-        slow = ops["attention"] in ("reference", "none")
-        wanted = original if slow else NAME
-        if model.config._attn_implementation != wanted:
-            binding.original(model, "set_attn_implementation")(wanted)
-        why = (f"on {label} fastlm's fastest attention is the {ops['attention']} backend: transformers' "
+        slow = ops[tier.op] in ("reference", "none")
+        tier.serve(model, original if slow else None)
+        why = (f"on {label} fastlm's fastest {tier.op} is the {ops[tier.op]} backend: transformers' "
                f"{original!r} serves it") if slow else None
         if report is not None:
             report.hand_back("attention", why)
             report.hand_back("unpad", why and f"off on {label} (with transformers' attention)")
-        served["attention"] = f"{TRANSFORMERS} {original!r}" if slow else ops["attention"]
+        served[tier.op] = f"{TRANSFORMERS} {original!r}" if slow else ops[tier.op]
         if slow:
             handed_back.append(f"attention (transformers' {original!r}; unpadding off)")
     if "linear_cross_entropy" in ops:

@@ -115,17 +115,24 @@ def _serves_packed(config) -> bool:
     return config._attn_implementation == NAME
 
 
-def _traced_as_unpadded(out, mask: torch.Tensor, needs_contiguous: bool):
-    """Under ``torch.compile`` / ``torch.export`` tracing the model runs padded (the packed
-    length is data: ``nonzero``, and a whole-model graph cannot break there); its padded
-    positions are then zeroed exactly where the untraced patched model's would be (a batch
-    it unpads), without a host read, so traced and untraced give the same outputs."""
+def zeros_where_unpadded(hidden: torch.Tensor, mask: torch.Tensor, needs_contiguous: bool) -> torch.Tensor:
+    """``hidden`` ``(B, S, H)`` with zeros at the padded positions of ``mask`` ``(B, S)`` if the
+    untraced patched model would unpad this batch (no left padding, and with
+    ``needs_contiguous`` no holes), else unchanged: decided on the device, no host read.
+
+    Under ``torch.compile`` / ``torch.export`` tracing the model runs padded (the packed
+    length is data: ``nonzero``, and a whole-model graph cannot break there); this makes its
+    outputs the untraced patched model's."""
     mask = mask.to(torch.bool)
     facts = _layout(mask)
     unpads = (facts[2] == 0) & ((facts[1] == 0) if needs_contiguous else True)
+    return torch.where(unpads & ~mask[..., None], torch.zeros((), dtype=hidden.dtype, device=hidden.device), hidden)
+
+
+def _traced_as_unpadded(out, mask: torch.Tensor, needs_contiguous: bool):
+    """A traced (padded) run's output with :func:`zeros_where_unpadded` applied to its last hidden state."""
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    hidden = torch.where(unpads & ~mask[..., None], torch.zeros((), dtype=hidden.dtype, device=hidden.device),
-                         hidden)
+    hidden = zeros_where_unpadded(hidden, mask, needs_contiguous)
     if isinstance(out, tuple):
         return (hidden, *out[1:])
     out.last_hidden_state = hidden
