@@ -29,9 +29,10 @@ allocator already holds freed blocks, and a sampler misses short peaks.  For the
 cases on CPU this script therefore also runs each provider once (forward+backward) in a
 fresh child process, after a warm-up on 64 tokens, and reports the growth of the
 kernel's own resident high-water mark across that one step: ``VmHWM`` after it minus
-``VmRSS`` before it, with ``VmHWM`` reset first (``/proc/self/clear_refs``).  glibc's
-``MALLOC_MMAP_THRESHOLD_=65536`` maps every block over 64 KiB on allocation and unmaps it
-on free, so the high-water mark follows live memory rather than the allocator's cache.
+``VmRSS`` before it, with ``VmHWM`` reset first (``fastlm.finetune.memory.PeakMemory``).
+glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` maps every block over 64 KiB on allocation and
+unmaps it on free, so the high-water mark follows live memory rather than the allocator's
+cache.
 The inputs are allocated before the step and not counted; the gradients it returns are.
 (``vmhwm_growth_mb``, appended to ``bench/results/cross_entropy_cpu_memory.csv|json``.)
 """
@@ -130,26 +131,20 @@ def providers() -> list[Provider]:
     return [Provider("torch", _torch), *harness.fastlm_providers(_fastlm)]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _memory_child(case_name: str, provider_name: str, dtype: torch.dtype) -> None:
     """Child process: one forward+backward of one MLM provider; prints its VmHWM growth (MiB)."""
+    from fastlm.finetune.memory import PeakMemory
+
     hidden = int(case_name.split("-h")[1])
     fn = {p.name: p.fn for p in providers()}[provider_name]
 
     def step(case):
         inputs = case.make_inputs(torch.device("cpu"))
         leaves = [inputs[name].requires_grad_() for name in case.grad]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        start = _status_kib("VmRSS")
-        grads = torch.autograd.grad(fn(inputs), leaves)
-        growth = _status_kib("VmHWM") - start
+        with PeakMemory("cpu") as peak:
+            grads = torch.autograd.grad(fn(inputs), leaves)
         del grads
-        return growth * 1024
+        return peak.growth
 
     step(mlm_case(64, hidden, dtype))  # warm-up: libraries, kernels, lazy imports
     print(json.dumps({"peak_mb": step(mlm_case(int(case_name[3:].split("-")[0]), hidden, dtype)) / 2**20}))

@@ -19,7 +19,8 @@ Peak memory: each provider again in a FRESH process (this script re-executed), a
 warm-up step (AdamW's state exists from then on): the growth of the resident set's high-water
 mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set before the
 measured steps, with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS.  On a GPU:
-the allocator's peak over what was allocated before the steps.
+the allocator's peak over what was allocated before the steps (both:
+``fastlm.finetune.memory.PeakMemory``).
 Loss: each provider's first-step loss from the same weights on the same batch, dropout off.
 Rows go to ``bench/results/deberta_training.{csv,json}``.
 """
@@ -102,33 +103,20 @@ def train_step(model, opt, batch, autocast: bool) -> float:
 
 
 # ------------------------------------------------------------------------ fresh-process memory
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def measure_memory(provider: str, preset: str, device, backend: str) -> float:
     """Peak memory growth in MiB of two training steps after a warm-up step (in this process:
     a fresh one on CPU, see fresh_process_memory)."""
+    from fastlm.finetune.memory import PeakMemory
+
     size = PRESETS[preset]
     data = batches(size, device, 3)
     model, opt = build(provider, size, device, backend=backend)
     autocast = device.type == "cuda"
     train_step(model, opt, data[0], autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    with PeakMemory(device) as peak:
         for batch in data[1:]:
             train_step(model, opt, batch, autocast)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    for batch in data[1:]:
-        train_step(model, opt, batch, autocast)
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak.growth / 2**20
 
 
 def fresh_process_memory(provider: str, preset: str, device, backend: str) -> float | None:

@@ -22,7 +22,7 @@ Workloads and contenders: bench/training_workloads.py.  How it measures:
   gradients, temporaries; weights and optimizer state excluded).  CPU: a fresh process per
   contender and workload (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors leave the
   resident set): one warm-up step, then the growth of ``VmHWM`` over one step
-  (``harness.ResidentPeak``).
+  (``fastlm.finetune.memory.PeakMemory``).
 * **Same training.**  Each contender's loss on the first batch before any step, dropout off,
   from the same weights: equal losses (to rounding) = the same function.
 
@@ -33,7 +33,6 @@ a contender errored (one that cannot run here is "skipped", with the reason, and
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -49,6 +48,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import training_workloads as tw  # noqa: E402
+
+from fastlm.finetune.memory import PeakMemory  # noqa: E402
 
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # memory children only (see the module docstring)
 
@@ -145,15 +146,11 @@ def steps_phase(workload: tw.Workload, contenders: list[tw.Contender], device: t
         result[name].update(times_s=times[name], tokens=[tokens[i % len(tokens)] for i in range(schedule["steps"])])
     if device.type == "cuda":
         for name, t in list(trainees.items()):
-            gc.collect()
-            torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
             try:
-                t.step(batches[0])
-                torch.cuda.synchronize()
-                result[name]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                with PeakMemory(device) as peak:
+                    t.step(batches[0])
+                result[name]["peak_mb"] = peak.growth / 2**20
                 result[name]["memory_measure"] = "CUDA allocator peak above the allocation before one step"
             except Exception as exc:
                 fail(name, exc, "memory step")
@@ -166,10 +163,10 @@ def memory_phase(workload: tw.Workload, contender: tw.Contender, device: torch.d
     batch = workload.make_batches(1)[0]
     trainee = Trainee(workload, contender, device)
     trainee.step(batch)  # optimizer state, lazy initialisation, kernels
-    with harness.ResidentPeak() as peak:
+    with PeakMemory(device) as peak:
         trainee.step(batch)
-    measure = "VmHWM growth over one step (after one warm-up step), fresh process"
-    return {"peak_mb": peak.growth / 2**20, "memory_measure": measure + ("" if peak.reset else " (HWM not reset)")}
+    return {"peak_mb": peak.growth / 2**20,
+            "memory_measure": "VmHWM growth over one step (after one warm-up step), fresh process"}
 
 
 def run_child(args) -> int:

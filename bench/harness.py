@@ -50,8 +50,6 @@ API
 only the first case, one timed call each, no ceilings; ``--device``, ``--modes``,
 ``--providers``, ``--rep-ms`` ...).
 ``backend_skip_reason(backend, device)``: why a fastlm backend cannot be timed here.
-``ResidentPeak``: the growth of the kernel's resident high-water mark (``VmHWM``) across a
-block of code (CPU peak memory in a fresh process, see below).
 
 Modes: ``forward`` times ``fn``; ``backward`` runs ``fn`` once per input set (untimed)
 and times ``torch.autograd.grad`` of its outputs (fixed random output gradients,
@@ -66,8 +64,8 @@ than four times the last-level cache, up to 8 sets are made and the calls rotate
 them, so a fast kernel is not timed reading from cache.
 
 Peak memory (``peak_mb``): on CUDA, ``torch.cuda.max_memory_allocated`` during one call
-minus what was allocated before it (the inputs and, in backward mode, the saved graph
-are not counted; outputs and workspaces are).  On CPU there is no allocator counter: a
+minus what was allocated before it (``fastlm.finetune.memory.PeakMemory``: the inputs and,
+in backward mode, the saved graph are not counted; outputs and workspaces are).  On CPU there is no allocator counter: a
 thread samples the process's resident set size (``/proc/self/statm``, about every
 0.2 ms) during one call and reports the growth over the RSS before it.  That is a lower
 bound and a rough one: blocks the allocator reuses from its free lists, and spikes
@@ -76,10 +74,11 @@ shorter than the sampling interval, are not seen.  Running the script with
 to, the OS, so the growth then tracks them better.  Compare CPU memory numbers only
 between large differences.
 
-For a number that no short peak escapes, :class:`ResidentPeak` resets the kernel's own
-high-water mark (``VmHWM``, writing 5 to ``/proc/self/clear_refs``) and reports its growth
-over the resident size before the block; run it in a fresh process with
-``MALLOC_MMAP_THRESHOLD_=65536`` (bench/bench_training.py does).
+For a number that no short peak escapes, ``fastlm.finetune.memory.PeakMemory`` resets the
+kernel's own high-water mark (``VmHWM``, writing 5 to ``/proc/self/clear_refs``) and reports
+its growth over the resident size before the block; the scripts run it in a fresh process
+with ``MALLOC_MMAP_THRESHOLD_=65536`` (bench_training, bench_cross_entropy --cpu-targets,
+bench_deberta_training, bench_sentence_transformers).
 
 Nothing here asserts a time; tests of the harness live in ``tests/test_bench_harness.py``.
 """
@@ -341,59 +340,16 @@ class _RssPeak:
 def peak_memory_mb(call: Callable[[], Any], device: torch.device) -> float | None:
     """Extra peak memory of one call in MiB (see the module docstring for what CPU measures)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = call()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        from fastlm.finetune.memory import PeakMemory
+
+        with PeakMemory(device) as peak:
+            result = call()
         del result
-        return peak / 2**20
+        return peak.growth / 2**20
     with _RssPeak() as probe:
         result = call()
     del result
     return None if probe.growth is None else probe.growth / 2**20
-
-
-def _status_bytes(field: str) -> int:
-    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-class ResidentPeak:
-    """``with ResidentPeak() as peak: ...`` -> ``peak.growth``: bytes by which the kernel's
-    resident high-water mark (``VmHWM``) rose above the resident size at entry.
-
-    At entry it collects garbage, returns freed heap to the OS (``malloc_trim``) and resets
-    ``VmHWM`` to the current RSS (Linux >= 4.0).  Where the reset is refused, ``reset`` is
-    False and ``growth`` counts from the process's earlier high-water mark (a lower bound)."""
-
-    def __enter__(self):
-        import ctypes
-        import gc
-
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset = True
-        except OSError:
-            self.reset = False
-        self.start = _status_bytes("VmRSS")
-        self.growth = None
-        return self
-
-    def __exit__(self, *exc):
-        self.growth = max(0, _status_bytes("VmHWM") - self.start)
-        return False
 
 
 # -------------------------------------------------------------------------- ceilings
