@@ -351,10 +351,11 @@ def test_every_gpu_test_declares_its_backend():
     import os
     import subprocess
 
-    root = BENCH.parent
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                          "--gpu-backend", "triton,undeclared", "tests"], cwd=root, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    # -P: the fastlm this suite imports (installed, or the dev loop's PYTHONPATH), not the checkout
+    # that `python -m` would put first on sys.path
+    out = subprocess.run([sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
+                          "gpu", "--gpu-backend", "triton,undeclared", "tests"], cwd=BENCH.parent, capture_output=True,
+                         text=True, env=dict(os.environ))
     ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
     assert out.returncode == 0 and ids, out.stdout[-2000:] + out.stderr[-2000:]
     assert all("gpu-triton" in i for i in ids), [i for i in ids if "gpu-triton" not in i]

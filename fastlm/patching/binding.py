@@ -81,10 +81,15 @@ def bind(module, name: str, function: Callable) -> None:
 
 
 def original(module, name: str) -> Callable:
-    """What ``module.<name>`` was before :func:`bind`, bound to ``module``."""
+    """What ``module.<name>`` was before :func:`bind`, bound to ``module``.
+
+    The class's method comes back as ``functools.partial(function, module)``, not as a bound
+    method: where ``torch.compile`` breaks a graph inside a replacement (FSDP2's hooks do), it
+    rebuilds a bound method by attribute lookup on the instance, i.e. ``module.<name>``,
+    which is the replacement itself (endless recursion); a partial keeps the function."""
     previous = module.__dict__[ORIGINALS][name]
     if previous is ABSENT:
-        return getattr(type(module), name).__get__(module, type(module))
+        return functools.partial(getattr(type(module), name), module)
     return previous
 
 
