@@ -12,6 +12,7 @@ from ._common import narrow
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -119,6 +120,42 @@ def masked_scores(a, b, qi, kj, len_q, len_k, kpm, stride_mn, window, qk_scale, 
     s = mma(a, b, DOT_PRECISION) * qk_scale
     vis = visible(qi, kj, len_q, len_k, kpm, stride_mn, window, HAS_MASK, CAUSAL, HAS_WINDOW)
     return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
+def accumulate(s, v, m_i, l_i, acc, seed, row, key, dropout_p, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax: the masked score tile ``s`` (log2
+    domain, queries x keys) and its ``v`` tile update the running max ``m_i``, the running sum
+    ``l_i`` of exp2(s - m_i) (before dropout: the normaliser counts every key) and the fp32
+    accumulator ``acc`` of P @ V (P rounded to V's dtype first, as every flash kernel does;
+    dropped probabilities are zeroed, keep bits from ``row`` / ``key``).  Returns the three."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
+    # exp2(-inf - -inf) never makes a NaN: p and alpha are then exactly 0.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(dropout_keep(seed, row, key, dropout_p), p, 0.0)
+    acc = acc * alpha[:, None] + mma(lowp(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_output(o_ptrs, LSE, lse_row, acc, m_i, l_i, row_ok, d_ok, dropout_p, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The forward's epilogue: ``out = acc / l`` (and / (1 - p) with dropout) into the
+    (rows x BLOCK_D) pointer tile ``o_ptrs``, natural-log lse at ``LSE + lse_row``; a row that
+    saw no key gets out = 0 (its acc is 0) and lse = -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_scale = 1.0 / l_safe
+    if DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)
+    tl.store(o_ptrs, lowp(acc * out_scale[:, None], o_ptrs.dtype.element_ty, DOT_PRECISION),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + lse_row, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2), mask=row_ok)
 
 
 @triton.jit

@@ -53,10 +53,8 @@ from fastlm.ops._common import last_dim_contiguous
 from fastlm.registry import triton_interpreted
 
 from ._common import pruner
-from ._flash import (LOG2E, dropout_keep, key_range, load_rows, lowp, masked_scores, mma, probs_and_dp, program,
-                     row_stats, shift)
-
-_LN2 = tl.constexpr(0.6931471805599453)  # kernels may only read constexpr globals
+from ._flash import (LOG2E, accumulate, key_range, load_rows, lowp, masked_scores, mma, probs_and_dp, program,
+                     row_stats, shift, store_output)
 
 
 # ------------------------------------------------------------------------- autotuning
@@ -176,29 +174,12 @@ def _attn_fwd(
         k = load_rows(k_base, kj, stride_kn, offs_d, kj < len_k, d_ok)
         s = masked_scores(q, tl.trans(k), offs_m[:, None], kj[None, :], len_q, len_k, kpm, stride_mn, window,
                            qk_scale, HAS_MASK, CAUSAL, HAS_WINDOW, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN: p and alpha are then exactly 0.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:  # the normaliser counts every key; only the product with V is dropped
-            p = tl.where(dropout_keep(seed, lse_row[:, None], k_start + kj[None, :], dropout_p), p, 0.0)
         v = load_rows(v_base, kj, stride_vn, offs_d, kj < len_k, d_ok)
-        acc = acc * alpha[:, None] + mma(lowp(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = accumulate(s, v, m_i, l_i, acc, seed, lse_row[:, None], k_start + kj[None, :], dropout_p,
+                                   DROPOUT, DOT_PRECISION)
 
-    empty = l_i == 0.0  # no visible key: out = 0 (acc is 0), lse = -inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    out_scale = 1.0 / l_safe
-    if DROPOUT:
-        out_scale = out_scale / (1.0 - dropout_p)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, lowp(acc * out_scale[:, None], O.dtype.element_ty, DOT_PRECISION),
-             mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-    tl.store(LSE + lse_row, lse, mask=row_ok)
+    store_output(o_ptrs, LSE, lse_row, acc, m_i, l_i, row_ok, d_ok, dropout_p, DROPOUT, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------- backward
