@@ -240,14 +240,9 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
             for (int64_t r = 0; r < M; ++r) {
               float* pr = pt + r * ld;
               probs_row(pr, N, row_begin[r] - kb, row_end[r] - kb, key_ok, lrow[r]);
-              if (dropout) {
-                // forward used P * Z (Z = keep / (1 - p)); so dV takes P * Z and dP = Z * dO V^T
-                const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
-                float* pdr = pd.data() + col(kb) + r * ld;
-                std::copy(pr, pr + N, pdr);
-                dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
-                dropout_row(dpt + r * ld, N, key, kb, g.drop_threshold, g.drop_scale);
-              }
+              if (dropout)
+                backward_dropout_row(pr, pd.data() + col(kb) + r * ld, dpt + r * ld, N,
+                                     fastlm_attn_dropout_row(g.seed, n, h, i0 + r), kb, g.drop_threshold, g.drop_scale);
             }
           };
           // Every key block a query of this block can see (the padding mask may hide whole blocks).

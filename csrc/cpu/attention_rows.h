@@ -153,6 +153,15 @@ void dropout_row(float* p, int64_t n, uint64_t row_key, int64_t key0, uint32_t t
     p[j] = fastlm_attn_keep(row_key, static_cast<uint64_t>(key0 + j), threshold) ? p[j] * keep_scale : 0.0f;
 }
 
+// The backward's dropout on one row of a tile: the forward multiplied V by P * Z (Z = keep /
+// (1 - p)), so dV takes P * Z (written to pz) and dP becomes Z * dO V^T (in place).
+void backward_dropout_row(const float* p, float* pz, float* dp, int64_t n, uint64_t row_key, int64_t key0,
+                          uint32_t threshold, float keep_scale) {
+  std::copy(p, p + n, pz);
+  dropout_row(pz, n, row_key, key0, threshold, keep_scale);
+  dropout_row(dp, n, row_key, key0, threshold, keep_scale);
+}
+
 // rowsum(a * b) of two fp32 rows (the backward's delta from its P and dP tiles).
 FASTLM_MULTIVERSION
 float dot_row(const float* a, const float* b, int64_t n) {

@@ -326,14 +326,9 @@ void backward_kernel(const Geometry& g, const T* dout, Layout ldo, const T* q, L
           for (int64_t r = 0; r < M; ++r) {
             float* pr = pt + r * ld;
             probs_row(pr, N, 0, N, key_ok, lrow[i0 + r]);
-            if (g.drop_threshold) {
-              // the forward used P * Z (Z = keep / (1 - p)): dV takes P * Z and dP = Z * dO V^T
-              const uint64_t key = fastlm_attn_dropout_row(g.seed, n, h, i0 + r);
-              float* pdr = pd.data() + col(kb) + r * ld;
-              std::copy(pr, pr + N, pdr);
-              dropout_row(pdr, N, key, kb, g.drop_threshold, g.drop_scale);
-              dropout_row(dpt + r * ld, N, key, kb, g.drop_threshold, g.drop_scale);
-            }
+            if (g.drop_threshold)
+              backward_dropout_row(pr, pd.data() + col(kb) + r * ld, dpt + r * ld, N,
+                                   fastlm_attn_dropout_row(g.seed, n, h, i0 + r), kb, g.drop_threshold, g.drop_scale);
           }
         };
         // Every key block of the mask's range that is not wholly hidden.
