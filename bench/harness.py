@@ -1,4 +1,6 @@
 """The shared benchmark harness: providers x cases x modes -> timed, recorded rows.
+(Its measuring and recording halves live in bench/measuring.py and bench/records.py; this
+module re-exports them, so scripts import ``harness`` only.)
 
 A bench script describes *what* to run and the harness does the rest::
 
@@ -85,16 +87,8 @@ Nothing here asserts a time; tests of the harness live in ``tests/test_bench_har
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import importlib.metadata
-import json
 import math
-import os
-import platform
-import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -104,21 +98,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+# the records half of the harness (bench/records.py), re-exported: scripts import harness only
+from records import (BENCH_DIR, COLUMNS, META_COLUMNS, Recorder, environment, git_commit,  # noqa: F401
+                     results_dir_default)
+# and its measuring half (bench/measuring.py): statistics, timing, peak memory, ceilings
+from measuring import derived, measure_ceilings, peak_memory_mb, summarize, time_calls  # noqa: F401
+
 MODES = ("forward", "backward", "full")
 BACKENDS = ("reference", "cpu", "torch", "triton", "cuda")  # a name this fastlm lacks: skipped, with the reason
-BENCH_DIR = Path(__file__).resolve().parent
 MAX_INPUT_SETS = 8
-
-# Columns in the order the CSV writes them (extra keys, e.g. case params, follow).
-COLUMNS = (
-    "run_id", "timestamp", "bench", "baseline", "case", "provider", "mode", "status", "reason",
-    "ms_median", "ms_p20", "ms_p80", "reps", "input_sets", "peak_mb",
-    "flops", "bytes", "tflops", "gbps", "frac_matmul", "frac_copy",
-    "ceiling_copy_gbps", "ceiling_matmul_tflops",
-    "device", "device_type", "python", "torch", "triton", "transformers", "cuda", "commit",
-)
-META_COLUMNS = ("device", "device_type", "python", "torch", "triton", "transformers", "cuda", "commit")
-
 
 class Unsupported(Exception):
     """Raised by a provider's ``fn`` when it cannot serve this input (row: "skipped")."""
@@ -209,253 +197,7 @@ def fastlm_providers(call: Callable[[dict, str], Any], backends: Iterable[str] =
     return [make(b) for b in backends]
 
 
-# ------------------------------------------------------------------------ statistics
-def quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile of already sorted values (numpy's default method)."""
-    if not sorted_values:
-        raise ValueError("quantile of no values")
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def summarize(times_ms: Iterable[float]) -> dict:
-    """Median, 20th and 80th percentile, mean, min and count of timings in ms."""
-    values = sorted(float(t) for t in times_ms)
-    return {
-        "ms_median": quantile(values, 0.5),
-        "ms_p20": quantile(values, 0.2),
-        "ms_p80": quantile(values, 0.8),
-        "ms_mean": sum(values) / len(values),
-        "ms_min": values[0],
-        "reps": len(values),
-    }
-
-
-def derived(ms: float, flops: float | None, nbytes: float | None, ceilings: dict | None) -> dict:
-    """TFLOP/s and GB/s from counted work and a time, and their fraction of the ceilings."""
-    out = {"tflops": None, "gbps": None, "frac_matmul": None, "frac_copy": None}
-    if ms is None or ms <= 0:
-        return out
-    seconds = ms * 1e-3
-    ceilings = ceilings or {}
-    if flops:
-        out["tflops"] = flops / seconds / 1e12
-        if ceilings.get("matmul_tflops"):
-            out["frac_matmul"] = out["tflops"] / ceilings["matmul_tflops"]
-    if nbytes:
-        out["gbps"] = nbytes / seconds / 1e9
-        if ceilings.get("copy_gbps"):
-            out["frac_copy"] = out["gbps"] / ceilings["copy_gbps"]
-    return out
-
-
-# ---------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(call: Callable[[int], Any], device: torch.device, n_sets: int = 1, *,
-               warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 5,
-               max_reps: int = 1000) -> list[float]:
-    """Per-call times in ms of ``call(i)`` (i rotates over ``n_sets`` input sets)."""
-    # Warm-up: every input set at least once, then until warmup_ms has passed.  The
-    # median warm-up call (not the mean: the first call may autotune or compile) sizes
-    # the timed loop.
-    _sync(device)
-    t0 = time.perf_counter()
-    n, warm = 0, []
-    while n < max(n_sets, 2) or (time.perf_counter() - t0) * 1e3 < warmup_ms:
-        t = time.perf_counter()
-        call(n % n_sets)
-        _sync(device)
-        warm.append((time.perf_counter() - t) * 1e3)
-        n += 1
-    estimate = quantile(sorted(warm), 0.5)
-    reps = int(max(min_reps, min(max_reps, rep_ms / max(estimate, 1e-6))))
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            call(i % n_sets)
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    times = []
-    for i in range(reps):
-        t = time.perf_counter()
-        call(i % n_sets)
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return psutil.Process().memory_info().rss
-        except Exception:
-            return None
-
-
-class _RssPeak:
-    """Samples the resident set size in a thread; ``growth`` = peak - RSS at entry."""
-
-    def __init__(self, interval_s: float = 2e-4):
-        self.interval_s = interval_s
-        self.growth = None
-
-    def __enter__(self):
-        self.start = _rss_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        if self.start is not None:
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            rss = _rss_bytes()
-            if rss is not None and rss > self.peak:
-                self.peak = rss
-            time.sleep(self.interval_s)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self.start is not None:
-            self._thread.join()
-            rss = _rss_bytes()
-            self.growth = max(self.peak, rss or 0) - self.start
-        return False
-
-
-def peak_memory_mb(call: Callable[[], Any], device: torch.device) -> float | None:
-    """Extra peak memory of one call in MiB (see the module docstring for what CPU measures)."""
-    if device.type == "cuda":
-        from fastlm.finetune.memory import PeakMemory
-
-        with PeakMemory(device) as peak:
-            result = call()
-        del result
-        return peak.growth / 2**20
-    with _RssPeak() as probe:
-        result = call()
-    del result
-    return None if probe.growth is None else probe.growth / 2**20
-
-
-# -------------------------------------------------------------------------- ceilings
-_CEILINGS: dict = {}
-
-
-def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    return summarize(time_calls(lambda i: fn(), device, warmup_ms=10.0, rep_ms=0.0,
-                                min_reps=reps, max_reps=reps))["ms_median"]
-
-
-def measure_ceilings(device: torch.device | str, matmul_dtype: torch.dtype | None = None,
-                     copy_bytes: int | None = None, matmul_n: int | None = None) -> dict:
-    """Copy bandwidth and matmul rate of ``device``, measured now (cached per process).
-
-    Copy: ``dst.copy_(src)`` of ``copy_bytes`` (1 GiB on GPU, 256 MiB on CPU), counting
-    the bytes read plus the bytes written.  Matmul: an ``n x n x n`` product of random
-    matrices (8192 bf16 on GPU, 2048 fp32 on CPU), 2 n^3 flops.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    gpu = device.type == "cuda"
-    matmul_dtype = matmul_dtype or (torch.bfloat16 if gpu else torch.float32)
-    copy_bytes = copy_bytes or (2**30 if gpu else 2**28)
-    matmul_n = matmul_n or (8192 if gpu else 2048)
-    key = (str(device), matmul_dtype, copy_bytes, matmul_n)
-    if key in _CEILINGS:
-        return _CEILINGS[key]
-
-    def copy_ms() -> float:  # the buffers are freed on return, before the matmul's are made
-        src = torch.randn(copy_bytes // 4, device=device)
-        dst = torch.empty_like(src)
-        return _median_ms(lambda: dst.copy_(src), device, reps=20 if gpu else 5)
-
-    def matmul_ms() -> float:
-        a = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
-        b = torch.randn(matmul_n, matmul_n, device=device, dtype=matmul_dtype)
-        return _median_ms(lambda: a @ b, device, reps=20 if gpu else 3)
-
-    copy_ms, mm_ms = copy_ms(), matmul_ms()
-    result = {
-        "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
-        "matmul_tflops": 2 * matmul_n**3 / (mm_ms * 1e-3) / 1e12,
-        "copy_bytes": copy_bytes,
-        "matmul_n": matmul_n,
-        "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
-    }
-    _CEILINGS[key] = result
-    return result
-
-
-# ------------------------------------------------------------------------ metadata
-def _dist_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def git_commit(repo: Path = BENCH_DIR.parent) -> str:
-    """``FASTLM_GIT_COMMIT`` if set, else ``git rev-parse HEAD`` (+"-dirty"), else "unknown"."""
-    if os.environ.get("FASTLM_GIT_COMMIT"):
-        return os.environ["FASTLM_GIT_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device | str) -> dict:
-    """Device, versions, commit and time of this run (recorded with every row)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-    return {
-        "device": name,
-        "device_type": device.type,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _dist_version("triton"),
-        "transformers": _dist_version("transformers"),
-        "cuda": torch.version.cuda or "none",
-        "commit": git_commit(),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-    }
-
-
+# ------------------------------------------------------------------------ inputs
 def _cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
@@ -643,71 +385,6 @@ def run(name: str, cases: list[Case], providers: list[Provider], modes: Iterable
 
         print(report.markdown(rows, ceilings=ceiling, env=env))
     return rows
-
-
-# ------------------------------------------------------------------------- recording
-def results_dir_default() -> Path:
-    """``FASTLM_BENCH_RESULTS`` if set (gpu_check.sh's dry run uses it), else ``bench/results``."""
-    return Path(os.environ.get("FASTLM_BENCH_RESULTS") or BENCH_DIR / "results")
-
-
-class Recorder:
-    """Appends result rows to ``<results_dir>/<name>.csv`` and ``<name>.json``.
-
-    The CSV has one row per measurement with the metadata repeated in every row (a
-    header change, e.g. new param columns, rewrites the file with the union of columns).
-    The JSON is a list of runs, each ``{"meta": environment, "ceilings": ..., "rows": [...]}``.
-    """
-
-    def __init__(self, name: str, results_dir: str | Path | None = None):
-        self.dir = Path(results_dir) if results_dir is not None else results_dir_default()
-        self.csv_path = self.dir / f"{name}.csv"
-        self.json_path = self.dir / f"{name}.json"
-
-    def write(self, rows: list[dict], meta: dict, ceilings: dict) -> None:
-        """Append ``rows``; rows of a run already in the JSON (same ``run_id``) join it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._append_csv(rows)
-        self._append_json({"meta": meta, "ceilings": ceilings, "rows": rows})
-
-    def _append_csv(self, rows: list[dict]) -> None:
-        old_rows, old_cols = [], []
-        if self.csv_path.exists() and self.csv_path.stat().st_size:
-            with open(self.csv_path, newline="") as f:
-                reader = csv.DictReader(f)
-                old_cols = list(reader.fieldnames or [])
-                old_rows = list(reader)
-        cols = list(old_cols) or [c for c in COLUMNS]
-        for row in rows:
-            cols += [k for k in row if k not in cols]
-        mode = "a" if cols == old_cols else "w"
-        with open(self.csv_path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            if mode == "w":
-                writer.writeheader()
-                writer.writerows(old_rows)
-            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-
-    def _append_json(self, run: dict) -> None:
-        runs = []
-        if self.json_path.exists():
-            try:
-                runs = json.loads(self.json_path.read_text())
-                if not isinstance(runs, list):
-                    raise ValueError("not a list of runs")
-            except ValueError as exc:
-                backup = self.json_path.with_suffix(f".json.bad-{int(time.time())}")
-                self.json_path.rename(backup)
-                warnings.warn(f"{self.json_path} was unreadable ({exc}); moved to {backup}")
-                runs = []
-        run_id = run["rows"][0].get("run_id") if run["rows"] else None
-        if runs and run_id is not None and runs[-1]["rows"] and runs[-1]["rows"][0].get("run_id") == run_id:
-            runs[-1]["rows"] += run["rows"]
-        else:
-            runs.append(run)
-        tmp = self.json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(runs, indent=1, default=str))
-        tmp.replace(self.json_path)
 
 
 # ------------------------------------------------------------------------------ CLI

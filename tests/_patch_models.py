@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch
 
@@ -171,3 +172,30 @@ def trainer_losses(model, rows, output_dir, steps: int = 3) -> list:
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def record_attention_calls(monkeypatch):
+    """(layout, window) of every fused attention call; the softmax fallback fails the test."""
+    ops = importlib.import_module("fastlm.ops.attention")  # the module (fastlm.ops.attention is the function)
+    calls = []
+    for layout, name in (("padded", "attention"), ("packed", "varlen_attention")):
+        def spy(*args, _real=getattr(ops, name), _layout=layout, **kwargs):
+            calls.append((_layout, kwargs.get("window")))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+
+    def no_fallback(reason):
+        raise AssertionError(f"softmax fallback: {reason}")
+    monkeypatch.setattr("fastlm.patching.attention._warn_once", no_fallback)
+    return calls
+
+
+REL = 1e-5  # patched vs unpatched, relative to the largest reference value, fp32
+LENGTHS = [11, 1, 7, 11, 4]  # a padded batch's row lengths: odd, one of length 1
+
+
+def loss_backward(model, **inputs):
+    """``model(**inputs)``, its loss back-propagated; returns the output."""
+    out = model(**inputs)
+    out.loss.backward()
+    return out

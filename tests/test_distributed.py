@@ -153,7 +153,7 @@ def test_readme_trainer_recipe(trainer_script, which, tmp_path):
     assert done.stdout.count("fastlm.patch(BertForMaskedLM)") == 2, done.stdout[-3000:]
     wrapped = re.findall(r"trained as (\w+)", done.stdout)
     expected = "FSDP" if which == 2 and torch.cuda.is_available() else "DistributedDataParallel"
-    assert len(wrapped) == 2 and all(expected in w for w in wrapped), wrapped
+    assert len(wrapped) == 2 and all(expected in w for w in wrapped), (wrapped, done.stdout[-3000:])
     losses = [json.loads(line.replace("'", '"'))["loss"] for line in re.findall(r"\{'loss'.*?\}", done.stdout)]
     assert len(losses) == 3 and all(0 < float(x) < 100 for x in losses), losses
     folder = tmp_path / "mlm-out"

@@ -5,7 +5,6 @@ Tolerance: 1e-5 relative (max abs error over max abs reference value), fp32.  Un
 and the fused kernels change only summation order, so the differences are a few ulps
 amplified through 2-3 layers.
 """
-import importlib
 import warnings
 
 import pytest
@@ -13,21 +12,13 @@ import torch
 
 import fastlm
 
-from _patch_models import (DECODER_CONFIGS, ENCODER_CONFIGS, V, assert_close_rel,  # noqa: E402
-                           assert_same_grads, assert_twins_train_alike, decoder, encoder, mlm_labels,
-                           padded_batch, twins)
+from _patch_models import (DECODER_CONFIGS, ENCODER_CONFIGS, LENGTHS, REL, V, assert_close_rel,  # noqa: E402
+                           assert_same_grads, decoder, encoder, loss_backward, mlm_labels, padded_batch,
+                           record_attention_calls, twins)
 
-REL = 1e-5
 # ALBERT runs its one shared layer 3 times, so each of its gradients sums 3 contributions
 # rounded differently (unpadded rows): 3x the bound.  float64 runs agree to 1e-12 (below).
 REL_GRAD = {"albert": 3e-5}
-LENGTHS = [11, 1, 7, 11, 4]
-
-
-def _run(model, **inputs):
-    out = model(**inputs)
-    out.loss.backward()
-    return out
 
 
 @pytest.mark.parametrize("model_type", list(ENCODER_CONFIGS))
@@ -37,8 +28,8 @@ def test_masked_lm_training_matches(model_type):
     assert report.patched == ["attention", "unpad", "head"], str(report)
     ids, mask = padded_batch(LENGTHS)
     labels = mlm_labels(ids, mask)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert b.logits is None  # sparse prediction in training with labels (documented)
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
@@ -67,8 +58,8 @@ def test_float64_is_exact(model_type):
         loss_a.backward()
     else:
         labels = mlm_labels(ids, mask)
-        loss_a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels).loss
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+        loss_a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels).loss
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert_close_rel(b.loss.detach(), loss_a.detach(), 1e-12, "loss")
     assert_same_grads(ref, new, 1e-12)
 
@@ -125,8 +116,8 @@ def test_left_padding_runs_padded_so_position_0_matches(model_type):
     fastlm.patch(new)
     ids, mask = padded_batch(LENGTHS, left=True)
     labels = torch.randint(0, 2, (len(LENGTHS),))
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert_close_rel(b.logits.detach(), a.logits.detach(), REL, "logits")
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL_GRAD.get(model_type, REL))
@@ -134,191 +125,6 @@ def test_left_padding_runs_padded_so_position_0_matches(model_type):
     with torch.no_grad():
         h_a, h_b = (m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (body_a, body_b))
     assert_close_rel(h_b, h_a, REL, "last_hidden_state, padded positions included")
-
-
-# ------------------------------------------------------------------------------ ModernBERT
-# Its tiny config (tests/_patch_models.py) alternates a global layer with two local ones
-# whose window (sliding_window 3) is shorter than the 11-token rows; the encoder tests above
-# cover it with right padding, these its own paths.
-def _modernbert_inputs(head, ids, mask):
-    inputs = dict(input_ids=ids, attention_mask=mask)
-    if head == "ForMaskedLM":
-        inputs["labels"] = mlm_labels(ids, mask)
-    elif head == "ForSequenceClassification":
-        inputs["labels"] = torch.randint(0, 2, (ids.shape[0],))
-    elif head == "ForTokenClassification":
-        inputs["labels"] = torch.where(mask == 1, torch.randint(0, 2, ids.shape), -100)
-    return inputs
-
-
-@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
-@pytest.mark.parametrize("head, pooling", [("ForMaskedLM", "cls"), ("Model", "cls"), ("ForTokenClassification", "cls"),
-                                           ("ForSequenceClassification", "cls"), ("ForSequenceClassification", "mean")])
-def test_modernbert_padding_sides_match(head, left, pooling):
-    ref, new = twins(encoder("modernbert", head, classifier_pooling=pooling).train())
-    report = fastlm.patch(new)
-    assert report.patched == ["attention", "unpad"] + (["head"] if head == "ForMaskedLM" else []), str(report)
-    ids, mask = padded_batch(LENGTHS, left=left)
-    inputs = _modernbert_inputs(head, ids, mask)
-    a, b = ref(**inputs), new(**inputs)
-    valid = mask.reshape(-1) == 1
-    if head == "Model":
-        h_a, h_b = (o.last_hidden_state.reshape(valid.numel(), -1) for o in (a, b))
-        assert_close_rel(h_b[valid], h_a[valid], REL, "last_hidden_state")
-        if left:  # run padded: padded positions are transformers' too
-            assert_close_rel(h_b[~valid], h_a[~valid], REL, "padded positions")
-        else:
-            assert h_b[~valid].abs().max() == 0
-        loss_a, loss_b = (h[valid].square().mean() for h in (h_a, h_b))
-    else:
-        if head == "ForMaskedLM":
-            assert b.logits is None
-        elif head == "ForTokenClassification":
-            assert_close_rel(b.logits.reshape(valid.numel(), -1)[valid], a.logits.reshape(valid.numel(), -1)[valid],
-                             REL, "logits")
-        else:
-            assert_close_rel(b.logits, a.logits, REL, "logits")
-        assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
-        loss_a, loss_b = a.loss, b.loss
-    loss_a.backward()
-    loss_b.backward()
-    assert_same_grads(ref, new, REL)
-
-
-def _record_attention_calls(monkeypatch):
-    """(layout, window) of every fused attention call; the softmax fallback fails the test."""
-    ops = importlib.import_module("fastlm.ops.attention")  # the module (fastlm.ops.attention is the function)
-    calls = []
-    for layout, name in (("padded", "attention"), ("packed", "varlen_attention")):
-        def spy(*args, _real=getattr(ops, name), _layout=layout, **kwargs):
-            calls.append((_layout, kwargs.get("window")))
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(ops, name, spy)
-
-    def no_fallback(reason):
-        raise AssertionError(f"softmax fallback: {reason}")
-    monkeypatch.setattr("fastlm.patching.attention._warn_once", no_fallback)
-    return calls
-
-
-@pytest.mark.parametrize("unpad", [True, False])
-def test_modernbert_local_layers_run_the_fused_window(monkeypatch, unpad):
-    """Packed (unpadded) or padded, the local layers reach the fused kernels with the window
-    transformers' flash path uses (sliding_window + 1 = 4), the global one without."""
-    ref, new = twins(encoder("modernbert", "Model").eval())
-    fastlm.patch(new, unpad=unpad)
-    calls = _record_attention_calls(monkeypatch)
-    ids, mask = padded_batch(LENGTHS)
-    with torch.no_grad():
-        a, b = ref(input_ids=ids, attention_mask=mask), new(input_ids=ids, attention_mask=mask)
-    assert calls == [("packed" if unpad else "padded", w) for w in (None, 4, 4)]
-    valid = mask.bool()
-    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "last_hidden_state")
-
-
-@pytest.mark.parametrize("unpad", [True, False])
-def test_window_falls_back_exactly_when_the_backend_lacks_it(monkeypatch, unpad):
-    """A backend without sliding windows (the cuda one) gets the softmax path with the window
-    in its dense mask (per sequence when packed), still transformers' result."""
-    ref, new = twins(encoder("modernbert", "Model").eval())
-    fastlm.patch(new, unpad=unpad)
-    monkeypatch.setattr(importlib.import_module("fastlm.ops.attention"), "serves", lambda *a, **kw: False)
-    monkeypatch.setattr("fastlm.patching.attention._WINDOW_SERVED", {})  # answers are cached per process
-    reasons = []
-    monkeypatch.setattr("fastlm.patching.attention._warn_once", reasons.append)
-    ids, mask = padded_batch(LENGTHS)
-    with torch.no_grad():
-        a, b = ref(input_ids=ids, attention_mask=mask), new(input_ids=ids, attention_mask=mask)
-    assert reasons == ["backend 'auto' has no sliding window"] * 2  # the two local layers
-    valid = mask.bool()
-    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "last_hidden_state")
-
-
-def test_modernbert_mask_with_holes_and_hidden_states_run_padded(monkeypatch):
-    """A mask with holes changes distances between real tokens once packed, so that batch
-    runs padded (window over padded positions, as transformers counts them); so does a call
-    asking for hidden states.  Both stay on the fused kernels and match transformers."""
-    ref, new = twins(encoder("modernbert", "Model").eval())
-    fastlm.patch(new)
-    calls = _record_attention_calls(monkeypatch)
-    ids, mask = padded_batch([11, 9, 11])
-    mask[0, 3:6] = 0
-    valid = mask.bool()
-    with torch.no_grad():
-        a = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        b = new(input_ids=ids, attention_mask=mask)
-        assert calls == [("padded", w) for w in (None, 4, 4)]
-        ids2, mask2 = padded_batch([11, 9, 11])
-        c = ref(input_ids=ids2, attention_mask=mask2, output_hidden_states=True)
-        d = new(input_ids=ids2, attention_mask=mask2, output_hidden_states=True)
-    assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, "holes")
-    for x, y in zip(d.hidden_states, c.hidden_states):
-        assert_close_rel(x[mask2.bool()], y[mask2.bool()], REL, "hidden states")
-
-
-def test_modernbert_explicit_position_ids_and_embeddings():
-    """Caller's position ids (here 5, 7, 9, ...) and inputs_embeds reach the packed run unchanged."""
-    ref, new = twins(encoder("modernbert", "Model").eval())
-    fastlm.patch(new)
-    ids, mask = padded_batch(LENGTHS)
-    pos = (5 + 2 * torch.arange(ids.shape[1]))[None].expand(ids.shape)  # not arange: distances count
-    embeds = ref.embeddings.tok_embeddings(ids).detach()
-    valid = mask.bool()
-    with torch.no_grad():
-        for kw in (dict(input_ids=ids, position_ids=pos), dict(inputs_embeds=embeds)):
-            a, b = ref(attention_mask=mask, **kw), new(attention_mask=mask, **kw)
-            assert_close_rel(b.last_hidden_state[valid], a.last_hidden_state[valid], REL, str(list(kw)))
-
-
-def test_modernbert_masked_lm_num_items_in_batch():
-    """ModernBERT's loss is transformers' ForMaskedLMLoss: sum / num_items_in_batch when given."""
-    ref, new = twins(encoder("modernbert", "ForMaskedLM").train())
-    fastlm.patch(new)
-    ids, mask = padded_batch(LENGTHS)
-    labels = mlm_labels(ids, mask)
-    n = torch.tensor(40)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
-    assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
-    assert_same_grads(ref, new, REL)
-
-
-def test_modernbert_unpatch_restores_bit_identical_outputs():
-    model = encoder("modernbert", "ForMaskedLM").train()
-    ids, mask = padded_batch(LENGTHS, left=True)
-    labels = mlm_labels(ids, mask)
-    before = model(input_ids=ids, attention_mask=mask, labels=labels)
-    fastlm.patch(model)
-    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is None
-    fastlm.unpatch(model)
-    after = model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
-    assert model.config._attn_implementation == "sdpa"
-    assert not any("_fastlm_originals" in m.__dict__ for m in model.modules())
-
-
-def test_mask_builder_serves_only_the_bidirectional_window_as_2d():
-    """transformers' bidirectional sliding-window pattern gets the 2D padding mask (the kernel
-    applies the window); causal windows, chunks and look-alikes keep the 4D mask."""
-    from types import SimpleNamespace
-
-    from transformers import masking_utils as mu
-
-    from fastlm.patching.masks import fastlm_mask
-
-    padding = torch.ones(2, 9, dtype=torch.bool)
-    padding[1, :3] = False
-    # what create_bidirectional_sliding_window_mask passes (config.sliding_window = 3)
-    common = dict(batch_size=2, q_length=9, kv_length=9, attention_mask=padding, use_vmap=False,
-                  allow_is_causal_skip=False, config=SimpleNamespace(sliding_window=3))
-    band = mu.sliding_window_bidirectional_mask_function(3)
-    assert torch.equal(fastlm_mask(mask_function=band, local_size=3, **common), padding)
-    for function, size in ((band, 2),  # the band is not what the builder claims
-                           (mu.sliding_window_bidirectional_mask_function(2), 3),  # nor the config's
-                           (mu.sliding_window_causal_mask_function(3), 3),
-                           (mu.and_masks(band, lambda b, h, q, kv: kv != 4), 3)):
-        mask = fastlm_mask(mask_function=function, local_size=size, **common)
-        assert mask.dim() == 4, function
 
 
 def test_question_answering_loss_without_padding():
@@ -338,8 +144,8 @@ def test_causal_lm_training_matches(model_type, left):
     assert report.patched == ["attention", "head"], str(report)
     ids, mask = padded_batch(LENGTHS, left=left)
     labels = ids.masked_fill(mask == 0, -100)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert b.logits is None
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL)
@@ -354,11 +160,11 @@ def test_causal_sliding_window_runs_the_fused_kernel(monkeypatch, window, left):
     for m in (ref, new):
         m.config.sliding_window = window
     fastlm.patch(new)
-    calls = _record_attention_calls(monkeypatch)
+    calls = record_attention_calls(monkeypatch)
     ids, mask = padded_batch(LENGTHS, left=left)
     labels = ids.masked_fill(mask == 0, -100)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert calls == [("padded", window if window < ids.shape[1] else None)] * 2
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL)
@@ -372,8 +178,8 @@ def test_causal_lm_num_items_in_batch(model_type):
     ids, mask = padded_batch([6, 3, 6])
     labels = ids.masked_fill(mask == 0, -100)
     n = torch.tensor(40)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     assert_same_grads(ref, new, REL)
 
@@ -452,8 +258,8 @@ def test_explicit_backend_reaches_the_ops():
     assert all(m._fastlm_backend == "reference" for m in new.modules())
     ids, mask = padded_batch(LENGTHS)
     labels = mlm_labels(ids, mask)
-    a = _run(ref, input_ids=ids, attention_mask=mask, labels=labels)
-    b = _run(new, input_ids=ids, attention_mask=mask, labels=labels)
+    a = loss_backward(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    b = loss_backward(new, input_ids=ids, attention_mask=mask, labels=labels)
     assert_close_rel(b.loss.detach(), a.loss.detach(), REL, "loss")
     fastlm.unpatch(new)
     assert not any("_fastlm_backend" in m.__dict__ for m in new.modules())
@@ -629,115 +435,3 @@ def test_convergence_30_steps():
     # tensor is judged against a scale of at least 0.05 (init std is 0.02).
     for (name, p), q in zip(ref.named_parameters(), new.parameters()):
         assert_close_rel(q.detach(), p.detach(), 1e-4, f"param {name}", floor=0.05)
-
-
-# --------------------------------------------------- what transformers' own model tests exercise
-def _eager_twins(make, model_type, *args):
-    """(unpatched, patched) twins of a model built with eager attention, as transformers' tests
-    build models whose attentions they read."""
-    model = make(model_type, *args)
-    model.set_attn_implementation("eager")
-    ref, new = twins(model)
-    fastlm.patch(new)
-    return ref, new
-
-
-@pytest.mark.parametrize("model_type", ["bert", "llama", "gpt2"])
-@pytest.mark.parametrize("how", ["call", "config"])
-def test_attentions_requested_per_call_or_by_config_are_eager_s(model_type, how):
-    """output_attentions per call or through the config (GPT-2 pops the per-call flag and
-    collects with hooks): the patched model returns eager's probabilities, hidden states
-    included, and both keep gradients (transformers' test_retain_grad_hidden_states_attentions)."""
-    make = encoder if model_type == "bert" else decoder
-    model = make(model_type, *(["Model"] if make is encoder else []))
-    model.set_attn_implementation("eager")
-    if how == "config":
-        model.config.output_attentions = model.config.output_hidden_states = True
-    ref, new = twins(model.train())
-    fastlm.patch(new)
-    ids, mask = padded_batch([7, 4, 7], left=model_type != "bert")
-    kw = dict(output_attentions=True, output_hidden_states=True) if how == "call" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        a, b = ref(input_ids=ids, attention_mask=mask, **kw), new(input_ids=ids, attention_mask=mask, **kw)
-    assert len(b.attentions) == len(a.attentions) == 2
-    for x, y in zip(b.attentions, a.attentions):  # every row, padding rows included: eager's
-        assert_close_rel(x, y, REL, "attention probabilities")
-    for x, y in zip(b.hidden_states, a.hidden_states):
-        assert_close_rel(x, y, REL, "hidden states")
-    b.hidden_states[0].retain_grad()
-    b.attentions[0].retain_grad()
-    b[0].flatten()[0].backward()
-    assert b.hidden_states[0].grad is not None and b.attentions[0].grad is not None
-
-
-@pytest.mark.parametrize("model_type", ["llama", "mistral-window", "qwen3", "gpt2"])
-def test_left_padded_causal_training_on_a_model_patched_from_eager(model_type):
-    """The label of a left-padded row's first real token is predicted from the last padding
-    position, whose query sees no key: eager averages v over every key there (all scores get
-    the same finite minimum), so the patched model must too; eval logits match everywhere."""
-    ref, new = _eager_twins(decoder, model_type)
-    ids, mask = padded_batch(LENGTHS, left=True)
-    labels = ids.masked_fill(mask == 0, -100)
-    assert_twins_train_alike(ref.train(), new.train(), REL, input_ids=ids, attention_mask=mask, labels=labels)
-    with torch.no_grad():
-        a, b = (m.eval()(input_ids=ids, attention_mask=mask).logits for m in (ref, new))
-    assert_close_rel(b, a, REL, "logits, padding positions included")
-
-
-@pytest.mark.parametrize("model_type", ["llama", "mistral-window", "gpt2"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padded"])
-def test_static_cache_prefill_and_decode_match(model_type, impl, padded):
-    """A static cache holds max_cache_len slots of which only the first few are filled: queries
-    must not see the empty ones (with or without an attention mask)."""
-    from transformers import StaticCache
-
-    model = decoder(model_type).eval()
-    model.set_attn_implementation(impl)
-    ref, new = twins(model)
-    fastlm.patch(new)
-    ids, mask = padded_batch([6, 4], left=True) if padded else padded_batch([6, 6])
-    nxt = torch.randint(3, V, (2, 1))
-    logits = []
-    for m in (ref, new):
-        cache = StaticCache(config=m.config, max_cache_len=20)
-        with torch.no_grad():
-            first = m(input_ids=ids, attention_mask=mask if padded else None, past_key_values=cache, use_cache=True)
-            full = torch.cat([mask, torch.ones_like(nxt)], 1)
-            second = m(input_ids=nxt, attention_mask=full if padded else None, past_key_values=cache, use_cache=True)
-        logits.append((first.logits, second.logits))
-    assert_close_rel(logits[1][0], logits[0][0], REL, "prefill logits")
-    assert_close_rel(logits[1][1], logits[0][1], REL, "decode-step logits")
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1,
-              cache_implementation="static")
-    assert torch.equal(new.generate(**kw), ref.generate(**kw))
-
-
-def test_window_recognition_costs_the_same_whatever_the_window():
-    """Mistral's default window is 4096: recognising the pattern must not evaluate the mask
-    function on a grid the window's size (it took ~0.5 s per forward)."""
-    from types import SimpleNamespace
-
-    from transformers import masking_utils as mu
-
-    from fastlm.patching.masks import fastlm_mask
-
-    padding = torch.ones(2, 9, dtype=torch.bool)
-    padding[1, :3] = False
-    evaluated = []
-
-    def recording(inner):
-        def mask_function(b, h, q, kv):
-            evaluated.append(torch.broadcast_shapes(q.shape, kv.shape).numel())
-            return inner(b, h, q, kv)
-        return mask_function
-
-    for window, skip, inner in ((4096, True, mu.sliding_window_causal_mask_function(4096)),
-                                (4096, False, mu.sliding_window_bidirectional_mask_function(4096))):
-        evaluated.clear()
-        mask = fastlm_mask(batch_size=2, q_length=9, kv_length=9, mask_function=recording(inner),
-                           attention_mask=padding, local_size=window, allow_is_causal_skip=skip, use_vmap=False,
-                           config=SimpleNamespace(sliding_window=window))
-        assert torch.equal(mask, padding)  # recognised: the kernel applies the window
-        assert sum(evaluated) <= 100, evaluated
