@@ -6,8 +6,8 @@ The small config is tests/_patch_models.py's (DeBERTa-v3's structure, position_b
 11-token rows reach the log-bucketed distances; the compatibility suite runs it as one of the
 families); the slow test uses the real xsmall sizes.
 """
-import copy
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.patching.report import PATCHED, UNSUPPORTED
+from fastlm.patching.report import UNSUPPORTED
 
 from _patch_models import (assert_close_rel, assert_same_grads, encoder, mlm_labels, padded_batch,  # noqa: E402
                            trainer_losses, twins)
@@ -228,8 +228,15 @@ def test_set_attn_implementation_hands_attention_back_and_fastlm_resumes():
 
 
 def test_explicit_backend_that_cannot_serve_raises_with_reasons(monkeypatch):
+    """Triton installed: the patch takes the request and the first CPU forward refuses it with
+    the row's reason; without triton, ``patch`` itself refuses the unavailable backend."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = deberta("ForSequenceClassification").eval()
+    why = fastlm.registry.BACKENDS["triton"].unavailable_reason()
+    if why:
+        with pytest.raises(fastlm.BackendError, match="backend 'triton' is unavailable: " + re.escape(why)):
+            fastlm.patch(model, backend="triton")
+        return
     fastlm.patch(model, backend="triton")
     ids, mask = padded_batch(LENGTHS)
     with pytest.raises(fastlm.BackendError, match="backend 'triton' cannot serve.*runs on cuda tensors, not cpu"):
