@@ -48,7 +48,7 @@ SKIP = 1   # warm-up steps left out of the ratios
 def sentences(tokenizer, low: int = 5, high: int = 60) -> list[str]:
     """Docstring sentences of ``low``-``high`` tokens, shuffled (fixed seed)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_training import docstrings
+    from training_workloads import docstrings
 
     pieces = sorted({p.strip() for doc in docstrings() for p in doc.split(". ") if len(p.split()) >= 3})
     lengths = [len(ids) for ids in tokenizer(pieces)["input_ids"]]
